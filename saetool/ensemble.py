@@ -1,0 +1,143 @@
+"""N SAEs of one architecture and shape, trained together as one stacked module.
+
+Parameters carry a leading member axis (the field's names):
+    W_enc [n_members, d_in, d_sae]   b_enc [n_members, d_sae]
+    W_dec [n_members, d_sae, d_in]   b_dec [n_members, d_in]
+and per-member hyperparameters are buffers [n_members] (`l1_coefficient`, `k`). Every member sees the same
+batch x [batch, d_in]; the forward is two batched matmuls (`torch.baddbmm`) for all members, and the loss is
+the SUM of the members' losses, so each member's gradient is exactly its own loss's gradient. Adam is
+elementwise with a step counter shared by members that always step together, so `torch.optim.Adam` over the
+stacked tensors is exactly per-member Adam (the original tool froze Adam's step counter at 1; we do not).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from saetool.saes import get_architecture
+
+
+def init_member(d_in: int, d_sae: int, seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Initial weights of one SAE from its own seed (so member i of a sweep equals a lone SAE with that seed).
+
+    W_dec: rows drawn U(-1/sqrt(d_in), 1/sqrt(d_in)) (Kaiming-uniform) then scaled to unit norm; W_enc = W_dec^T
+    (the encoder-as-decoder-transpose init of Gao et al. 2024 / Conerly et al. 2024); b_enc = b_dec = 0.
+    Returns float tensors W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc [d_sae], b_dec [d_in].
+    """
+    g = torch.Generator().manual_seed(seed)
+    bound = 1.0 / math.sqrt(d_in)
+    W_dec = (torch.rand(d_sae, d_in, generator=g, dtype=torch.float64) * 2 - 1) * bound
+    W_dec = W_dec / W_dec.norm(dim=-1, keepdim=True)
+    return {
+        "W_enc": W_dec.T.contiguous().to(dtype),
+        "W_dec": W_dec.to(dtype),
+        "b_enc": torch.zeros(d_sae, dtype=dtype),
+        "b_dec": torch.zeros(d_in, dtype=dtype),
+    }
+
+
+class SAEEnsemble(nn.Module):
+    """A stack of `n_members` SAEs of one architecture (see the module docstring for shapes).
+
+    Args:
+        architecture: "standard" or "topk" (saetool.saes registry).
+        d_in, d_sae: input and dictionary sizes.
+        hyperparams: {name: list of n_members values}, e.g. {"l1_coefficient": [1e-4, 1e-3]} or {"k": [16, 32]}.
+        seeds: one init seed per member (`init_member`).
+        tied: W_enc is W_dec^T (one shared parameter), as the original `FunctionalTiedSAE`.
+    """
+
+    def __init__(self, architecture: str, d_in: int, d_sae: int, hyperparams: dict[str, list[float]],
+                 seeds: list[int], tied: bool = False, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.arch = get_architecture(architecture)
+        self.architecture, self.d_in, self.d_sae, self.tied = architecture, d_in, d_sae, tied
+        missing = [h for h in self.arch.HYPERPARAMS if h not in hyperparams]
+        if missing:
+            raise ValueError(f"architecture {architecture!r} needs hyperparameters {missing}")
+        self.n_members = len(seeds)
+        for name in self.arch.HYPERPARAMS:
+            values = torch.tensor(hyperparams[name], dtype=torch.float64)
+            if values.shape != (self.n_members,):
+                raise ValueError(f"{name}: expected {self.n_members} values, got {list(values.shape)}")
+            self.register_buffer(name, values.to(torch.long if name == "k" else dtype))
+        if "k" in hyperparams and not 0 < max(hyperparams["k"]) <= d_sae:
+            raise ValueError(f"k must be in [1, d_sae={d_sae}], got {hyperparams['k']}")
+        members = [init_member(d_in, d_sae, s, dtype) for s in seeds]
+        stack = {k: torch.stack([m[k] for m in members]) for k in members[0]}
+        self.W_dec = nn.Parameter(stack["W_dec"])
+        self.W_enc_param = None if tied else nn.Parameter(stack["W_enc"])
+        self.b_enc = nn.Parameter(stack["b_enc"])
+        self.b_dec = nn.Parameter(stack["b_dec"])
+        self.seeds = list(seeds)
+
+    @property
+    def W_enc(self) -> torch.Tensor:
+        """[n_members, d_in, d_sae]; a transposed view of W_dec when tied."""
+        return self.W_dec.transpose(1, 2) if self.tied else self.W_enc_param
+
+    def hp(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in self.arch.HYPERPARAMS}
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """x [batch, d_in] -> latents f [n_members, batch, d_sae]."""
+        pre = torch.baddbmm(self.b_enc.unsqueeze(1), x.unsqueeze(0) - self.b_dec.unsqueeze(1), self.W_enc)
+        return self.arch.activation(pre, self.hp())
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        """f [n_members, batch, d_sae] -> x_hat [n_members, batch, d_in]."""
+        return torch.baddbmm(self.b_dec.unsqueeze(1), f, self.W_dec)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [batch, d_in] -> (x_hat [n_members, batch, d_in], f [n_members, batch, d_sae])."""
+        f = self.encode(x)
+        return self.decode(f), f
+
+    def losses(self, x: torch.Tensor, x_hat: torch.Tensor, f: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-member losses, each [n_members]: "mse" (mean over tokens and dims), "sparsity", "loss" (their sum)."""
+        mse = (x_hat - x.unsqueeze(0)).pow(2).mean(dim=(1, 2))
+        sparsity = self.arch.sparsity_loss(f, self.hp())
+        return {"mse": mse, "sparsity": sparsity, "loss": mse + sparsity}
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Scale every decoder atom (row of W_dec[m]) to unit L2 norm (case T3)."""
+        self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8))
+
+    @torch.no_grad()
+    def set_b_dec(self, value: torch.Tensor) -> None:
+        """Set b_dec of every member to `value` [d_in] (e.g. the data mean); with tied weights this is the
+        original's fixed centring translation, here learned."""
+        self.b_dec.copy_(value.to(self.b_dec).expand_as(self.b_dec))
+
+    def member_weights(self, i: int) -> dict[str, torch.Tensor]:
+        """Member i's weights in the SAELens layout: W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc, b_dec (copies)."""
+        return {
+            "W_enc": self.W_enc[i].detach().clone().contiguous(),
+            "W_dec": self.W_dec[i].detach().clone(),
+            "b_enc": self.b_enc[i].detach().clone(),
+            "b_dec": self.b_dec[i].detach().clone(),
+        }
+
+    def member_hyperparams(self, i: int) -> dict[str, float | int]:
+        return {name: (int if name == "k" else float)(getattr(self, name)[i].item()) for name in self.arch.HYPERPARAMS}
+
+
+def train_step(ensemble: SAEEnsemble, optimizer: torch.optim.Optimizer, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One step for every member on batch x [batch, d_in]: forward, summed loss, backward, Adam, decoder renorm.
+
+    Returns the per-member statistics of THIS batch computed before the update (the batch trained on):
+    {"loss", "mse", "sparsity", "l0"} each [n_members] (detached).
+    """
+    x_hat, f = ensemble(x)
+    losses = ensemble.losses(x, x_hat, f)
+    optimizer.zero_grad(set_to_none=True)
+    losses["loss"].sum().backward()
+    optimizer.step()
+    ensemble.normalize_decoder()
+    out = {k: v.detach() for k, v in losses.items()}
+    out["l0"] = (f.detach() != 0).sum(-1).float().mean(-1)
+    return out

@@ -1,0 +1,289 @@
+"""The activation store: one Zarr v3 group per generation run, readable by plain `zarr` and `xarray`.
+
+Layout (schema version 1; docs/store.md is the full reference)::
+
+    <dataset_folder>/                 zarr group, attrs["saetool"] = the run's metadata (see `StoreSpec`)
+        tokens                        int32 [n_contexts, context_size]   the token ids of every stored context
+        mask                          bool  [n_rows]                      False at BOS / separator / padding rows
+        <hook_name>                   float16 | float32 | uint16 [n_rows, d]   one array per hook point
+        commits                       uint8 [n_chunks], chunks of 1       1 once chunk i is fully written
+
+A row is one (context, position) pair; row r belongs to context r // context_size, so the rows of a context
+are contiguous and a chunk of `chunk_size` rows (a multiple of context_size) holds whole contexts.
+bfloat16 activations are stored as their raw bits in uint16 arrays whose attrs say
+``{"saetool_dtype": "bfloat16"}`` (NumPy has no bfloat16; never an unnamed 2-byte void type).
+
+Commits are explicit: a writer marks chunk i in `commits` only after every array's rows of chunk i are
+written, and attrs["saetool"]["complete"] becomes true only when every chunk is committed. `commits` has one
+Zarr chunk per store chunk, so writers of different chunks never touch the same object on disk. Because the
+arrays are created at their final shape and never resized, no stale bytes from an earlier, longer run can
+survive: an uncommitted chunk is simply rewritten whole on resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import BloscCodec, BloscShuffle, ZstdCodec
+
+SCHEMA_VERSION = 1
+STORE_DTYPES = ("float16", "bfloat16", "float32")
+COMPRESSIONS = ("blosc-zstd", "zstd", "none")
+FP16_MAX = 65504.0
+
+
+class StoreError(ValueError):
+    """A store is missing, foreign, incomplete or incompatible with the requested run."""
+
+
+@dataclass
+class StoreSpec:
+    """Everything that defines a store's content; two runs with equal specs produce equal stores.
+
+    Stored as ``attrs["saetool"]`` together with the progress fields (`complete`, `rows_committed`, `summary`).
+    """
+
+    model: str
+    dataset: str
+    hook_names: list[str]
+    widths: dict[str, int]
+    n_rows: int
+    context_size: int
+    chunk_size: int
+    dtype: str = "float16"
+    compression: str = "blosc-zstd"
+    bos_policy: str = ""
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def n_contexts(self) -> int:
+        return self.n_rows // self.context_size
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.n_rows // self.chunk_size)
+
+    def chunk_rows(self, chunk: int) -> tuple[int, int]:
+        """Row range [start, stop) of store chunk `chunk`; the last chunk may be shorter."""
+        start = chunk * self.chunk_size
+        return start, min(start + self.chunk_size, self.n_rows)
+
+    def to_json(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def _compressors(name: str) -> list:
+    if name == "blosc-zstd":
+        return [BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.shuffle)]
+    if name == "zstd":
+        return [ZstdCodec(level=3)]
+    if name == "none":
+        return []
+    raise StoreError(f"unknown compression {name!r}; choose one of {', '.join(COMPRESSIONS)}")
+
+
+def _zarr_dtype(dtype: str) -> str:
+    return {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}[dtype]
+
+
+def to_store_array(acts: torch.Tensor, dtype: str, hook_name: str = "") -> np.ndarray:
+    """Cast activations `acts` [rows, d] (any float dtype) to the NumPy array written to the store.
+
+    float16 is checked for overflow (|x| > 65504 becomes inf) and every dtype for NaN/inf, raising
+    StoreError naming the hook: larger models have outliers beyond the fp16 range (use --dtype bfloat16).
+    bfloat16 returns the raw bits as uint16 (bit-exact; see the module docstring).
+    """
+    if not torch.isfinite(acts).all():
+        raise StoreError(f"activations at {hook_name} contain NaN or inf before storing")
+    if dtype == "float16":
+        if acts.abs().max() > FP16_MAX:
+            raise StoreError(
+                f"activations at {hook_name} exceed the float16 range (|x| up to {acts.abs().max().item():.4g}"
+                " > 65504); rerun with --dtype bfloat16 or --dtype float32"
+            )
+        return acts.to(torch.float16).cpu().numpy()
+    if dtype == "bfloat16":
+        return acts.to(torch.bfloat16).cpu().view(torch.uint16).numpy()
+    if dtype == "float32":
+        return acts.to(torch.float32).cpu().numpy()
+    raise StoreError(f"unknown store dtype {dtype!r}; choose one of {', '.join(STORE_DTYPES)}")
+
+
+def from_store_array(values: np.ndarray, logical_dtype: str) -> torch.Tensor:
+    """Inverse of `to_store_array`: NumPy rows read from the store -> torch tensor in the logical dtype."""
+    t = torch.from_numpy(np.ascontiguousarray(values))
+    if logical_dtype == "bfloat16":
+        return t.view(torch.bfloat16)
+    return t
+
+
+class ActivationStore:
+    """A saetool activation store (see the module docstring for the layout).
+
+    Use `ActivationStore.create_or_resume(path, spec)` to write, `ActivationStore.open(path)` to read.
+    """
+
+    def __init__(self, path: str | os.PathLike, group: zarr.Group):
+        self.path = Path(path)
+        self.group = group
+        meta = dict(group.attrs.get("saetool", {}))
+        known = {f.name for f in dataclasses.fields(StoreSpec)}
+        self.spec = StoreSpec(**{k: v for k, v in meta.items() if k in known})
+        self.meta = meta
+
+    # ---- opening -------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | os.PathLike, require_complete: bool = True) -> "ActivationStore":
+        """Open an existing store for reading.
+
+        Raises StoreError (one line) if `path` does not exist, is not a saetool store, has another schema
+        version, or (with require_complete) was not finished; the message says how to resume.
+        """
+        path = Path(path)
+        if not path.exists():
+            raise StoreError(f"no activation store at {path}: run `saetool generate --dataset_folder {path}` first")
+        try:
+            group = zarr.open_group(str(path), mode="r")
+        except Exception as e:  # noqa: BLE001 - zarr raises several types for foreign folders
+            raise StoreError(f"{path} is not a Zarr store ({type(e).__name__})") from None
+        meta = group.attrs.get("saetool")
+        if not isinstance(meta, dict):
+            raise StoreError(f"{path} is a Zarr group but not a saetool activation store (no 'saetool' attribute)")
+        if meta.get("schema_version") != SCHEMA_VERSION:
+            raise StoreError(
+                f"{path} has store schema version {meta.get('schema_version')}, this saetool reads {SCHEMA_VERSION}"
+            )
+        store = cls(path, group)
+        if require_complete and not meta.get("complete"):
+            done = int(np.asarray(group["commits"][:]).sum())
+            raise StoreError(
+                f"activation store {path} is incomplete ({done}/{store.spec.n_chunks} chunks committed); "
+                "rerun the same generate command to resume it"
+            )
+        return store
+
+    @classmethod
+    def create_or_resume(cls, path: str | os.PathLike, spec: StoreSpec) -> "ActivationStore":
+        """Create a new store for `spec`, or reopen a partial one written with the same spec.
+
+        A folder holding anything else (another spec, a foreign Zarr group, other files) is refused with
+        StoreError saying why; nothing in it is modified.
+        """
+        path = Path(path)
+        if path.exists() and any(path.iterdir()):
+            try:
+                group = zarr.open_group(str(path), mode="r+")
+                meta = group.attrs.get("saetool")
+            except Exception:  # noqa: BLE001
+                meta = None
+            if not isinstance(meta, dict):
+                raise StoreError(f"{path} exists and is not a saetool activation store; choose another --dataset_folder")
+            old = {k: meta.get(k) for k in spec.to_json()}
+            if old != spec.to_json():
+                diff = [k for k, v in spec.to_json().items() if old.get(k) != v]
+                raise StoreError(
+                    f"{path} holds a store made with different settings ({', '.join(diff)}); "
+                    "use another --dataset_folder or delete it"
+                )
+            return cls(path, group)
+        group = zarr.open_group(str(path), mode="w")
+        compressors = _compressors(spec.compression)
+        rows_per_chunk = spec.chunk_size
+        group.create_array(
+            "tokens", shape=(spec.n_contexts, spec.context_size), dtype="int32",
+            chunks=(rows_per_chunk // spec.context_size, spec.context_size), compressors=compressors, fill_value=0,
+            dimension_names=["context", "position"],
+        )
+        group.create_array("mask", shape=(spec.n_rows,), dtype="bool", chunks=(rows_per_chunk,),
+                           compressors=compressors, fill_value=False, dimension_names=["row"])
+        for name in spec.hook_names:
+            arr = group.create_array(
+                name, shape=(spec.n_rows, spec.widths[name]), dtype=_zarr_dtype(spec.dtype),
+                chunks=(rows_per_chunk, spec.widths[name]), compressors=compressors, fill_value=0,
+                dimension_names=["row", f"{name}.dim"],
+            )
+            arr.attrs["saetool_dtype"] = spec.dtype
+            arr.attrs["hook_name"] = name
+        group.create_array("commits", shape=(spec.n_chunks,), dtype="uint8", chunks=(1,), fill_value=0,
+                           dimension_names=["chunk"])
+        meta = {"schema_version": SCHEMA_VERSION, **spec.to_json(), "complete": False}
+        group.attrs["saetool"] = meta
+        return cls(path, group)
+
+    # ---- writing -------------------------------------------------------------------------------
+    def committed_chunks(self) -> np.ndarray:
+        """bool [n_chunks]: which chunks are fully written."""
+        return np.asarray(self.group["commits"][:]).astype(bool)
+
+    def write_chunk(self, chunk: int, acts: dict[str, np.ndarray], tokens: np.ndarray, mask: np.ndarray) -> None:
+        """Write all rows of store chunk `chunk`, then commit it.
+
+        acts: {hook_name: array [rows_in_chunk, d]} already cast by `to_store_array`; tokens int [contexts_in_chunk,
+        context_size]; mask bool [rows_in_chunk]. The commit marker is written last, so a crash at any point
+        leaves the chunk uncommitted.
+        """
+        start, stop = self.spec.chunk_rows(chunk)
+        n = stop - start
+        c = self.spec.context_size
+        if tokens.shape != (n // c, c) or mask.shape != (n,):
+            raise StoreError(f"chunk {chunk}: expected {n} rows, got tokens {tokens.shape}, mask {mask.shape}")
+        for name in self.spec.hook_names:
+            a = acts[name]
+            if a.shape != (n, self.spec.widths[name]):
+                raise StoreError(f"chunk {chunk}: {name} has shape {a.shape}, expected {(n, self.spec.widths[name])}")
+            self.group[name][start:stop] = a
+        self.group["tokens"][start // c : stop // c] = tokens.astype(np.int32)
+        self.group["mask"][start:stop] = mask
+        self.group["commits"][chunk] = 1
+
+    def finalize(self, summary: dict) -> bool:
+        """Mark the store complete if every chunk is committed; returns whether it is complete."""
+        if not self.committed_chunks().all():
+            return False
+        meta = dict(self.group.attrs["saetool"])
+        meta.update(complete=True, rows_committed=self.spec.n_rows, summary=summary)
+        self.group.attrs["saetool"] = meta
+        self.meta = meta
+        return True
+
+    # ---- reading -------------------------------------------------------------------------------
+    @property
+    def complete(self) -> bool:
+        return bool(self.meta.get("complete"))
+
+    def width(self, hook_name: str) -> int:
+        return self.spec.widths[self.resolve_hook(hook_name)]
+
+    def resolve_hook(self, hook_name: str | None) -> str:
+        """The hook to read: `hook_name`, or the only hook of a single-hook store. StoreError if ambiguous/absent."""
+        names = self.spec.hook_names
+        if hook_name is None:
+            if len(names) != 1:
+                raise StoreError(f"store {self.path} holds several hooks ({', '.join(names)}); pass --hook_name")
+            return names[0]
+        if hook_name not in names:
+            raise StoreError(f"store {self.path} has no hook {hook_name!r}; it holds {', '.join(names)}")
+        return hook_name
+
+    def read_rows(self, hook_name: str, start: int, stop: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Activations of rows [start, stop) at `hook_name` as a tensor [stop-start, d] of `dtype`."""
+        return from_store_array(self.group[hook_name][start:stop], self.spec.dtype).to(dtype)
+
+    def read_mask(self, start: int, stop: int) -> np.ndarray:
+        return np.asarray(self.group["mask"][start:stop]).astype(bool)
+
+    def nbytes_stored(self) -> int:
+        """Bytes on disk of the activation arrays (not tokens/mask)."""
+        total = 0
+        for name in self.spec.hook_names:
+            for root, _, files in os.walk(self.path / name):
+                total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+        return total

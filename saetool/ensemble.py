@@ -59,6 +59,7 @@ class SAEEnsemble(nn.Module):
         if missing:
             raise ValueError(f"architecture {architecture!r} needs hyperparameters {missing}")
         self.n_members = len(seeds)
+        self.hyperparams = {h: [(int if h == "k" else float)(v) for v in hyperparams[h]] for h in self.arch.HYPERPARAMS}
         for name in self.arch.HYPERPARAMS:
             values = torch.tensor(hyperparams[name], dtype=torch.float64)
             if values.shape != (self.n_members,):
@@ -123,7 +124,9 @@ class SAEEnsemble(nn.Module):
         }
 
     def member_hyperparams(self, i: int) -> dict[str, float | int]:
-        return {name: (int if name == "k" else float)(getattr(self, name)[i].item()) for name in self.arch.HYPERPARAMS}
+        """Member i's hyperparameters exactly as given (not read back from a float32 buffer, which would turn
+        1e-3 into 0.0010000000474974513 as in the original tool)."""
+        return {name: values[i] for name, values in self.hyperparams.items()}
 
 
 def train_step(ensemble: SAEEnsemble, optimizer: torch.optim.Optimizer, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -1,0 +1,49 @@
+"""The CLI: flags map to config fields, bad input exits 2 with one line, help lists every flag."""
+
+import subprocess
+import sys
+
+import pytest
+
+from saetool.config import GenerateConfig, SweepConfig, build, field_docs
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "saetool.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_flags_are_parsed_into_typed_fields():
+    cfg = build(GenerateConfig, {"locations": "residual,mlp", "layers": (2, 3), "n_chunks": 4, "prepend_bos": "False"})
+    assert cfg.locations == ["residual", "mlp"] and cfg.layers == [2, 3] and cfg.n_chunks == 4
+    assert cfg.prepend_bos is False
+    cfg = build(SweepConfig, {"l1_values": [0, "1e-3"], "ratio": "8", "save_after_every": True})
+    assert cfg.l1_values == [0.0, 1e-3] and cfg.ratio == 8.0 and cfg.save_after_every is True
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"no_such_flag": 1}, "unknown flag --no_such_flag"),
+    ({"chunk_size": 100}, "--chunk_size must be a positive multiple of context_size=128"),
+    ({"n_chunks": 1.5}, "--n_chunks expects an integer"),
+    ({"dtype": "int8"}, "--dtype must be float16, bfloat16 or float32"),
+])
+def test_bad_generate_flags(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        build(GenerateConfig, kwargs)
+
+
+def test_every_field_has_help():
+    for cls in (GenerateConfig, SweepConfig):
+        docs = field_docs(cls)
+        assert set(docs) == set(cls.__dataclass_fields__), cls
+
+
+def test_cli_errors_are_one_line_with_status_2(tmp_path):
+    r = run_cli("sweep", "--dataset_dir", str(tmp_path / "missing.zarr"), "--output_dir", str(tmp_path / "o"))
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"saetool: error: no activation store at {tmp_path / 'missing.zarr'}: run " \
+                               f"`saetool generate --dataset_folder {tmp_path / 'missing.zarr'}` first"
+    assert not (tmp_path / "o").exists()
+    r = run_cli("sweep", "--bogus", "1")
+    assert r.returncode == 2 and r.stderr.startswith("saetool: error: unknown flag --bogus")
+    r = run_cli("sweep", "--ratio", "-1")
+    assert r.returncode == 2 and r.stderr.strip() == "saetool: error: --ratio must be > 0"

@@ -1,0 +1,111 @@
+"""Generation end to end on the tiny random Llama: stored activations equal HF hidden_states (fp16 rounding),
+one forward for several hooks, masks, resume after a crash, refusals before any data is read."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import saetool.generate as gen
+from saetool.config import GenerateConfig
+from saetool.store import ActivationStore, StoreError
+from tests.helpers import WORDS
+
+N_WORDS = 1200
+
+
+@pytest.fixture(scope="module")
+def text_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("text")
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        (d / f"doc{i}.txt").write_text(" ".join(rng.choice(WORDS, N_WORDS // 4 + 7 * i)))
+    return d
+
+
+def config(tiny_model_dir, text_dir, folder, **kw):
+    base = dict(model=str(tiny_model_dir), dataset=str(text_dir), locations=["residual", "mlp", "attn_concat"],
+                layers=[0, 1], context_size=16, chunk_size=64, batch_size=3, device="cpu", dataset_folder=str(folder))
+    return GenerateConfig(**{**base, **kw})
+
+
+def quiet(*a):
+    pass
+
+
+def test_store_equals_hf_hidden_states(tiny_model_dir, text_dir, tmp_path):
+    store = gen.run_generate(config(tiny_model_dir, text_dir, tmp_path / "s.zarr"), log=quiet)
+    spec = store.spec
+    assert store.complete and spec.hook_names == [
+        "blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "blocks.0.mlp.hook_post", "blocks.1.mlp.hook_post",
+        "blocks.0.attn.hook_z", "blocks.1.attn.hook_z"]
+    assert spec.widths["blocks.0.hook_resid_post"] == 32 and spec.widths["blocks.1.attn.hook_z"] == 32
+    # 4 docs of 300+ words joined by 3 separators, 15 text tokens per context; whole chunks of 4 contexts
+    n_text = sum(N_WORDS // 4 + 7 * i for i in range(4)) + 3
+    assert spec.n_contexts == n_text // 15 and spec.n_rows == spec.n_contexts * 16
+    tokens = torch.from_numpy(store.group["tokens"][:]).long()
+    assert (tokens[:, 0] == 0).all()  # <bos> starts every context
+    mask = store.read_mask(0, spec.n_rows).reshape(-1, 16)
+    assert not mask[:, 0].any() and np.array_equal(mask, (tokens != 0).numpy() & (tokens != 1).numpy())
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    outputs = []  # HF's last hidden_states entry is after the final norm, so read the last block's output directly
+    hf.model.layers[1].register_forward_hook(lambda mod, inp, out: outputs.append(out[0] if isinstance(out, tuple) else out))
+    with torch.no_grad():
+        hidden = list(hf(tokens, output_hidden_states=True).hidden_states)
+    hidden[2] = outputs[0]
+    for layer in (0, 1):
+        stored = store.read_rows(f"blocks.{layer}.hook_resid_post", 0, spec.n_rows, torch.float16)
+        expected = hidden[layer + 1].reshape(-1, 32).to(torch.float16)
+        torch.testing.assert_close(stored, expected, atol=1e-3, rtol=1e-3)
+    assert store.meta["summary"]["tokens"] == spec.n_rows
+
+
+def test_crash_then_resume_equals_uninterrupted(tiny_model_dir, text_dir, tmp_path, monkeypatch):
+    clean = gen.run_generate(config(tiny_model_dir, text_dir, tmp_path / "clean.zarr", n_chunks=5), log=quiet)
+    original = ActivationStore.write_chunk
+    calls = {"n": 0}
+
+    def crashing(self, chunk, *args):
+        if calls["n"] == 2:
+            self.group["blocks.0.hook_resid_post"][self.spec.chunk_rows(chunk)[0]] = 99.0  # partial write
+            raise KeyboardInterrupt("killed")
+        calls["n"] += 1
+        return original(self, chunk, *args)
+
+    cfg = config(tiny_model_dir, text_dir, tmp_path / "s.zarr", n_chunks=5)
+    monkeypatch.setattr(ActivationStore, "write_chunk", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        gen.run_generate(cfg, log=quiet)
+    with pytest.raises(StoreError, match=r"incomplete \(2/5 chunks committed\)"):
+        ActivationStore.open(tmp_path / "s.zarr")
+    monkeypatch.setattr(ActivationStore, "write_chunk", original)
+    messages = []
+    resumed = gen.run_generate(cfg, log=messages.append)
+    assert any("resuming" in m and "2/5" in m for m in messages)
+    for name in clean.spec.hook_names + ["tokens", "mask"]:
+        assert np.array_equal(resumed.group[name][:], clean.group[name][:]), name
+    messages.clear()
+    gen.run_generate(cfg, log=messages.append)
+    assert any("already complete" in m for m in messages)
+    with pytest.raises(StoreError, match="different settings"):
+        gen.run_generate(config(tiny_model_dir, text_dir, tmp_path / "s.zarr", n_chunks=4), log=quiet)
+
+
+def test_bad_hook_fails_before_reading_text(tiny_model_dir, tmp_path, monkeypatch):
+    def no_text(*a, **k):
+        raise AssertionError("text was read")
+
+    monkeypatch.setattr(gen, "load_texts", no_text)
+    with pytest.raises(ValueError, match="blocks.7.hook_resid_post"):
+        gen.run_generate(config(tiny_model_dir, "unused", tmp_path / "s.zarr", locations=["residual"], layers=[7]),
+                         log=quiet)
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_empty_dataset_is_refused_before_the_store_exists(tiny_model_dir, tmp_path):
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "empty.txt").write_text("")
+    with pytest.raises(ValueError, match="0 tokens < one context of 16"):
+        gen.run_generate(config(tiny_model_dir, tmp_path / "t", tmp_path / "s.zarr"), log=quiet)
+    assert not (tmp_path / "s.zarr").exists()

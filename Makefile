@@ -28,13 +28,13 @@ install: $(VENV)/.installed
 dev: $(VENV)/.installed-dev
 
 # Record >= 200k tokens of SmolLM2-135M layer-3 residual activations on Shakespeare, then train 8 SAEs
-# (ratio 4, L1 1e-4..1e-2) as one ensemble and print the held-out metrics table.
+# (ratio 4, L1 1e-3..1e-1) as one ensemble and print the held-out metrics table.
 demo: $(VENV)/.installed
 	$(BIN)/saetool generate --model smollm2-135m --dataset shakespeare --locations residual --layers 3 \
 		--n_chunks 14 --chunk_size 16384 --context_size 128 --device cpu --dataset_folder $(DEMO)/activations.zarr
 	rm -rf $(DEMO)/sweep
 	$(BIN)/saetool sweep --dataset_dir $(DEMO)/activations.zarr --output_dir $(DEMO)/sweep --ratio 4 \
-		--l1_value_min -4 --l1_value_max -2 --l1_value_n 8 --batch_size 1024 --device cpu
+		--l1_value_min -3 --l1_value_max -1 --l1_value_n 8 --batch_size 1024 --device cpu
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest tests

@@ -48,7 +48,7 @@ def test_store_equals_hf_hidden_states(tiny_model_dir, text_dir, tmp_path):
     mask = store.read_mask(0, spec.n_rows).reshape(-1, 16)
     assert not mask[:, 0].any() and np.array_equal(mask, (tokens != 0).numpy() & (tokens != 1).numpy())
 
-    hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="eager").eval()
     outputs = []  # HF's last hidden_states entry is after the final norm, so read the last block's output directly
     hf.model.layers[1].register_forward_hook(lambda mod, inp, out: outputs.append(out[0] if isinstance(out, tuple) else out))
     with torch.no_grad():

@@ -1,6 +1,7 @@
-"""`accelerate launch launch/sweep.py --ratio 8 ...`: an SAE sweep (flags as `saetool sweep`).
+"""`accelerate launch launch/sweep.py --ratio 8 ...`: an SAE sweep over one or many processes.
 
-This release trains in the main process only; the data- and member-parallel modes are the next issue.
+Flags as `saetool sweep`, plus `--parallel data|members` (see saetool/sweep.py). Each process trains on its
+Accelerate device (cuda:local_rank on GPUs; CPU processes on gloo with `Accelerator(cpu=True)`).
 """
 
 from accelerate import Accelerator
@@ -14,11 +15,9 @@ def main(**flags):
 
     cfg = build(SweepConfig, flags)
     acc = Accelerator(cpu=cfg.device == "cpu")
-    if acc.num_processes > 1:
-        raise ValueError("launch/sweep.py runs on one process in this release; use --num_processes 1")
-    if "device" not in flags:
-        cfg.device = str(acc.device)
+    cfg.device = str(acc.device)
     run_sweep(cfg, log=acc.print)
+    acc.end_training()
 
 
 if __name__ == "__main__":

@@ -55,6 +55,9 @@ class GenerateConfig:
     """Stored activation dtype: float16 (overflow-checked), bfloat16 or float32."""
     compression: str = "blosc-zstd"
     """Codec: blosc-zstd (byte shuffle), zstd or none."""
+    keepbits: int | None = None
+    """Lossy: round stored values to this many mantissa bits (nearest, ties to even, as numcodecs BitRound) before
+    compressing; None = lossless. Full precision: float16 10, bfloat16 7, float32 23."""
     device: str = field(default_factory=_default_device)
     """Torch device of the model."""
     model_dtype: str = "float32"
@@ -69,6 +72,9 @@ class GenerateConfig:
         _check(self.dtype in ("float16", "bfloat16", "float32"), "dtype", "must be float16, bfloat16 or float32")
         _check(self.compression in ("blosc-zstd", "zstd", "none"), "compression", "must be blosc-zstd, zstd or none")
         _check(len(self.locations) > 0, "locations", "needs at least one hook point")
+        bits = {"float16": 10, "bfloat16": 7, "float32": 23}[self.dtype]
+        _check(self.keepbits is None or 0 <= self.keepbits <= bits, "keepbits",
+               f"must be in 0..{bits} for --dtype {self.dtype} (or None for lossless)")
 
 
 @dataclass
@@ -113,6 +119,19 @@ class SweepConfig:
     """Initial b_dec: "mean" of up to 65536 training rows, or "zeros"."""
     shuffle_chunks: int = 4
     """Store chunks pooled and shuffled together while reading."""
+    array: str | None = None
+    """Train on this 2-D array of a Zarr group written by another tool (float16/bfloat16/float32 rows)."""
+    parallel: str = "data"
+    """With several processes: data (each batch split across ranks, gradients averaged by DDP) or members
+    (members partitioned across ranks, every rank reads the same batches)."""
+    compile: bool | None = None
+    """torch.compile the ensemble's forward+loss; None = on for CUDA, off on CPU (see the benchmark)."""
+    autocast: str = "none"
+    """Mixed precision for forward/backward: none or bf16 (weights and Adam stay fp32)."""
+    checkpoint_every: int = 0
+    """Save weights, Adam state and data position every N steps (0 = never) to OUTPUT_DIR/checkpoint/."""
+    resume: bool = False
+    """Continue from OUTPUT_DIR/checkpoint/ (same settings) to exactly the uninterrupted result."""
 
     def validate(self) -> None:
         _check(self.ratio > 0, "ratio", "must be > 0")
@@ -124,6 +143,9 @@ class SweepConfig:
         _check(self.b_dec_init in ("mean", "zeros"), "b_dec_init", "must be mean or zeros")
         _check(self.architecture in ("standard", "topk"), "architecture", "must be standard or topk")
         _check(not (self.tied and self.architecture != "standard"), "tied", "applies to architecture standard only")
+        _check(self.parallel in ("data", "members"), "parallel", "must be data or members")
+        _check(self.autocast in ("none", "bf16"), "autocast", "must be none or bf16")
+        _check(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
         if self.l1_values is not None:
             _check(len(self.l1_values) > 0 and all(v >= 0 for v in self.l1_values), "l1_values",
                    "must be a non-empty list of values >= 0")
@@ -186,7 +208,7 @@ def build(cls, kwargs: dict):
             value = _as_list(value, int, name)
         elif hint.startswith("list[float]"):
             value = _as_list(value, float, name)
-        elif hint.startswith("bool"):
+        elif hint.startswith("bool") and value is not None:
             if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
                 value = value.lower() in ("true", "1")
             if not isinstance(value, bool):

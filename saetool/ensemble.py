@@ -97,10 +97,18 @@ class SAEEnsemble(nn.Module):
         f = self.encode(x)
         return self.decode(f), f
 
-    def losses(self, x: torch.Tensor, x_hat: torch.Tensor, f: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-member losses, each [n_members]: "mse" (mean over tokens and dims), "sparsity", "loss" (their sum)."""
-        mse = (x_hat - x.unsqueeze(0)).pow(2).mean(dim=(1, 2))
-        sparsity = self.arch.sparsity_loss(f, self.hp())
+    def losses(self, x: torch.Tensor, x_hat: torch.Tensor, f: torch.Tensor, n_total: int | None = None
+               ) -> dict[str, torch.Tensor]:
+        """Per-member losses, each [n_members]: "mse" (mean over dims, summed over rows / n_total), "sparsity"
+        (per-token penalty summed over rows / n_total), "loss" (their sum).
+
+        n_total defaults to the batch size (a plain mean over rows). Data-parallel training passes the GLOBAL
+        batch size while x holds this rank's rows, so summing over ranks gives the exact global mean even for
+        uneven shards (a mean of per-rank means would not).
+        """
+        n = x.shape[0] if n_total is None else n_total
+        mse = (x_hat - x.unsqueeze(0)).pow(2).mean(-1).sum(-1) / n
+        sparsity = self.arch.sparsity_loss(f, self.hp()).sum(-1) / n
         return {"mse": mse, "sparsity": sparsity, "loss": mse + sparsity}
 
     @torch.no_grad()
@@ -129,18 +137,35 @@ class SAEEnsemble(nn.Module):
         return {name: values[i] for name, values in self.hyperparams.items()}
 
 
-def train_step(ensemble: SAEEnsemble, optimizer: torch.optim.Optimizer, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """One step for every member on batch x [batch, d_in]: forward, summed loss, backward, Adam, decoder renorm.
+def loss_and_stats(model: nn.Module, ensemble: SAEEnsemble, x: torch.Tensor, n_total: int, loss_scale: float
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Forward + loss of every member on rows x [rows, d_in]: the part of a step that `torch.compile` fuses.
 
-    Returns the per-member statistics of THIS batch computed before the update (the batch trained on):
-    {"loss", "mse", "sparsity", "l0"} each [n_members] (detached).
+    model is `ensemble` itself or its DistributedDataParallel wrapper. Returns (the scalar to backpropagate:
+    the sum of member losses times loss_scale, stats): stats are [n_members] tensors normalised by n_total
+    ("loss", "mse", "sparsity", "l0" = non-zero latents summed over rows / n_total), so summing them over
+    data-parallel ranks gives the global batch means.
     """
-    x_hat, f = ensemble(x)
-    losses = ensemble.losses(x, x_hat, f)
+    x_hat, f = model(x)
+    losses = ensemble.losses(x, x_hat, f, n_total)
+    stats = {k: v.detach() for k, v in losses.items()}
+    stats["l0"] = (f.detach() != 0).sum(-1).sum(-1).float() / n_total
+    return losses["loss"].sum() * loss_scale, stats
+
+
+def train_step(ensemble: SAEEnsemble, optimizer: torch.optim.Optimizer, x: torch.Tensor, n_total: int | None = None,
+               step_fn=None, model: nn.Module | None = None, loss_scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """One step for every member: forward, summed loss, backward, Adam, decoder renormalisation.
+
+    x [rows, d_in] is this process's share of a batch of n_total rows (default: all of it). step_fn is
+    `loss_and_stats` or its compiled version; model the module to call (DDP wrapper or the ensemble);
+    loss_scale = world size under DDP (DDP averages gradients over ranks, our losses are already global sums).
+    Returns the statistics of THIS batch computed before the update (the batch trained on), see loss_and_stats.
+    """
+    step_fn = step_fn or loss_and_stats
+    total, stats = step_fn(model or ensemble, ensemble, x, n_total or x.shape[0], loss_scale)
     optimizer.zero_grad(set_to_none=True)
-    losses["loss"].sum().backward()
+    total.backward()
     optimizer.step()
     ensemble.normalize_decoder()
-    out = {k: v.detach() for k, v in losses.items()}
-    out["l0"] = (f.detach() != 0).sum(-1).float().mean(-1)
-    return out
+    return stats

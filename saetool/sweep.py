@@ -1,15 +1,27 @@
 """The sweep driver: store -> ensemble of SAEs -> saved members -> evaluation on held-out rows.
 
 All members (one per L1 coefficient, or per k for TopK) train together as one `SAEEnsemble` on the same
-batches. The last `eval_tokens` rows of the store are never trained on; after training every member is
-evaluated there (MSE, FVU, explained variance, L0, dead fraction; saetool.metrics) and the table is printed
-and saved with the sweep (`metrics.md`, and per member in `sweep.json`).
+batches. With several processes (Accelerate / torchrun) the work is split in one of two ways:
+
+- `--parallel data`: every rank holds all members; each global batch is split across ranks
+  (`split_evenly`), losses are normalised by the global batch size and DistributedDataParallel averages
+  gradients, so training equals one process with the same global batch. Every rank walks the same batches,
+  so uneven data never leaves a rank waiting in a collective (case D1).
+- `--parallel members`: members are partitioned across ranks (equal shapes, so contiguous equal shares are
+  balanced); every rank reads the same batches; no gradient traffic. Each member equals single-process training.
+
+The last `eval_tokens` rows (rounded up to whole contexts) are never trained on; every member is evaluated
+there (MSE, FVU, explained variance, L0, dead fraction; saetool.metrics). Only rank 0 writes outputs.
+`--checkpoint_every` saves weights, Adam state and the data position; `--resume` continues to exactly the
+uninterrupted result.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -19,11 +31,16 @@ from tqdm.auto import tqdm
 
 import saetool
 from saetool.config import SweepConfig
-from saetool.ensemble import SAEEnsemble, train_step
+from saetool.distributed import Dist, split_evenly
+from saetool.ensemble import SAEEnsemble, loss_and_stats, train_step
 from saetool.io import INDEX_FILE, write_sweep
 from saetool.loader import BatchLoader
 from saetool.metrics import ReconstructionStats
 from saetool.store import ActivationStore, StoreError
+
+LOG_EVERY = 20
+# Settings that may differ between a checkpointed run and its resumption.
+RESUME_FREE = ("resume", "checkpoint_every", "device", "compile")
 
 
 def member_hyperparams(cfg: SweepConfig) -> dict[str, list]:
@@ -36,12 +53,15 @@ def member_hyperparams(cfg: SweepConfig) -> dict[str, list]:
     return {"l1_coefficient": [float(v) for v in np.logspace(cfg.l1_value_min, cfg.l1_value_max, cfg.l1_value_n)]}
 
 
-def split_rows(store: ActivationStore, eval_tokens: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """(train_range, eval_range): the last `eval_tokens` rows of the store are held out."""
-    n = store.spec.n_rows
-    if eval_tokens >= n:
+def split_rows(store: ActivationStore, eval_tokens: int) -> tuple[tuple[int, int], tuple[int, int] | None]:
+    """(train_range, eval_range): the last `eval_tokens` rows, rounded up to whole contexts, are held out."""
+    n, ctx = store.spec.n_rows, store.spec.context_size
+    if eval_tokens == 0:
+        return (0, n), None
+    eval_rows = -(-eval_tokens // ctx) * ctx
+    if eval_rows >= n:
         raise StoreError(f"--eval_tokens {eval_tokens} leaves no training rows in a store of {n} rows")
-    return (0, n - eval_tokens), (n - eval_tokens, n)
+    return (0, n - eval_rows), (n - eval_rows, n)
 
 
 def _data_mean(store: ActivationStore, hook: str, rows: tuple[int, int], max_rows: int = 65536) -> torch.Tensor:
@@ -76,77 +96,211 @@ def metrics_table(rows: list[dict], sweep_param: str) -> str:
     return "\n".join(lines)
 
 
-def run_sweep(cfg: SweepConfig, log=print) -> dict:
-    """Train the sweep described by `cfg`, save it under cfg.output_dir and return its index (sweep.json).
+class Checkpointer:
+    """OUTPUT_DIR/checkpoint/step_{s}/rank{r}.pt + `latest` (written last, atomically, by rank 0 after every
+    rank has saved), so a SIGKILL at any moment leaves the previous complete checkpoint in force."""
 
-    Raises StoreError/ValueError (one line) for a missing/incomplete/foreign store, an unknown hook, or an
-    output_dir that already holds a finished sweep; nothing is written in those cases.
+    def __init__(self, out: Path, dist: Dist, shard_by_rank: bool):
+        self.dir, self.dist, self.shard_by_rank = out / "checkpoint", dist, shard_by_rank
+
+    def exists(self) -> bool:
+        return (self.dir / "latest").is_file()
+
+    def save(self, state: dict, step: int) -> None:
+        step_dir = self.dir / f"step_{step}"
+        if self.shard_by_rank or self.dist.is_main:
+            step_dir.mkdir(parents=True, exist_ok=True)
+            path = step_dir / f"rank{self.dist.rank if self.shard_by_rank else 0}.pt"
+            torch.save(state, str(path) + ".tmp")
+            os.replace(str(path) + ".tmp", path)
+        self.dist.barrier()
+        if self.dist.is_main:
+            (self.dir / "latest.tmp").write_text(step_dir.name)
+            os.replace(self.dir / "latest.tmp", self.dir / "latest")
+            for old in self.dir.glob("step_*"):
+                if old != step_dir:
+                    shutil.rmtree(old, ignore_errors=True)
+        self.dist.barrier()
+
+    def load(self) -> dict:
+        step_dir = self.dir / (self.dir / "latest").read_text().strip()
+        path = step_dir / f"rank{self.dist.rank if self.shard_by_rank else 0}.pt"
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+    def remove(self) -> None:
+        self.dist.barrier()
+        if self.dist.is_main:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _fingerprint(cfg: SweepConfig, dist: Dist) -> dict:
+    key = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_FREE}
+    if cfg.parallel == "members":
+        key["world_size"] = dist.world_size
+    return key
+
+
+def run_sweep(cfg: SweepConfig, log=print) -> dict | None:
+    """Train the sweep described by `cfg`, save it under cfg.output_dir and return its index (sweep.json) on
+    rank 0 (None on other ranks).
+
+    Raises StoreError/ValueError (one line) for a missing/incomplete/foreign store, an unknown hook, an
+    output_dir that already holds a finished sweep (or an unfinished one without --resume); nothing is
+    written in those cases.
     """
     cfg.validate()
+    dist = Dist.current()
     out = Path(cfg.output_dir)
     if (out / INDEX_FILE).exists():
         raise ValueError(f"{out} already holds a finished sweep; choose another --output_dir or delete it")
-    store = ActivationStore.open(cfg.dataset_dir)
-    hook = store.resolve_hook(cfg.hook_name)
+    store = ActivationStore.open(cfg.dataset_dir) if cfg.array is None else ActivationStore.open(cfg.dataset_dir,
+                                                                                                  array=cfg.array)
+    hook = store.resolve_hook(cfg.array or cfg.hook_name)
     d_in = store.width(hook)
     d_sae = int(d_in * cfg.ratio)
     if d_sae < 1:
         raise ValueError(f"--ratio {cfg.ratio} gives d_sae = 0 for d_in = {d_in}")
     hyper = member_hyperparams(cfg)
     n_members = len(next(iter(hyper.values())))
-    train_rows, eval_rows = split_rows(store, cfg.eval_tokens) if cfg.eval_tokens else ((0, store.spec.n_rows), None)
+    by_members = cfg.parallel == "members" and dist.active
+    local = split_evenly(n_members, dist.world_size, dist.rank) if by_members else range(n_members)
+    if len(local) == 0:
+        raise ValueError(f"--parallel members needs at least one member per process ({n_members} members, "
+                         f"{dist.world_size} processes)")
+    checkpointer = Checkpointer(out, dist, shard_by_rank=by_members)
+    if checkpointer.exists() and not cfg.resume:
+        raise ValueError(f"{out} holds an unfinished sweep; pass --resume True to continue it, or delete {out}")
+    train_rows, eval_rows = split_rows(store, cfg.eval_tokens)
     device = cfg.device
-    torch.manual_seed(cfg.seed)
-    ensemble = SAEEnsemble(cfg.architecture, d_in, d_sae, hyper, seeds=[cfg.seed + i for i in range(n_members)],
-                           tied=cfg.tied).to(device)
+
+    ensemble = SAEEnsemble(cfg.architecture, d_in, d_sae, {h: [v[i] for i in local] for h, v in hyper.items()},
+                           seeds=[cfg.seed + i for i in local], tied=cfg.tied).to(device)
     if cfg.b_dec_init == "mean":
         ensemble.set_b_dec(_data_mean(store, hook, train_rows))
     optimizer = torch.optim.Adam(ensemble.parameters(), lr=cfg.adam_lr)
+    data_parallel = cfg.parallel == "data" and dist.active
+    model = torch.nn.parallel.DistributedDataParallel(ensemble, broadcast_buffers=False) if data_parallel else ensemble
+    use_compile = cfg.compile if cfg.compile is not None else str(device).startswith("cuda")
+    step_fn = _make_step_fn(use_compile, cfg.autocast, torch.device(device).type)
     loader = BatchLoader(store, hook, cfg.batch_size, train_rows, seed=cfg.seed, shuffle_chunks=cfg.shuffle_chunks)
     sweep_param = ensemble.arch.SWEEP_PARAM
-    log(f"sweep: {n_members} {cfg.architecture} SAEs ({sweep_param} {hyper[sweep_param][0]:.3g}..{hyper[sweep_param][-1]:.3g}),"
-        f" d_in {d_in}, d_sae {d_sae}, hook {hook}, {loader.n_rows} training rows x {cfg.n_repetitions}, device {device}")
+    log(f"sweep: {n_members} {cfg.architecture} SAEs ({sweep_param} {hyper[sweep_param][0]:.3g}.."
+        f"{hyper[sweep_param][-1]:.3g}), d_in {d_in}, d_sae {d_sae}, hook {hook}, {loader.n_rows} training rows x "
+        f"{cfg.n_repetitions}, device {device}, {dist.world_size} process(es)"
+        + (f", parallel {cfg.parallel}" if dist.active else "") + (", compiled" if use_compile else ""))
 
-    out.mkdir(parents=True, exist_ok=True)
-    train_log = open(out / "train_log.jsonl", "w")
-    steps = tokens = 0
+    epoch = skip = steps = tokens = 0
+    if cfg.resume and checkpointer.exists():
+        state = checkpointer.load()
+        if state["fingerprint"] != _fingerprint(cfg, dist):
+            raise ValueError(f"the checkpoint in {out} was made with other settings; rerun with those or delete it")
+        ensemble.load_state_dict(state["ensemble"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        epoch, skip, steps, tokens = state["epoch"], state["batch_in_epoch"], state["steps"], state["tokens"]
+        log(f"resuming {out} at step {steps} (epoch {epoch}, batch {skip})")
+    elif cfg.resume:
+        log(f"--resume: no checkpoint in {out}; starting from scratch")
+
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        _trim_log(out / "train_log.jsonl", steps)
+    train_log = open(out / "train_log.jsonl", "a") if dist.is_main else None
     start = time.perf_counter()
-    bar = tqdm(total=loader.n_rows * cfg.n_repetitions, unit="tok", unit_scale=True, desc="sweep", smoothing=0.1)
-    for epoch in range(cfg.n_repetitions):
+    trained_here = 0
+    bar = tqdm(total=loader.n_rows * cfg.n_repetitions, initial=tokens, unit="tok", unit_scale=True, desc="sweep",
+               smoothing=0.1, disable=not dist.is_main)
+    for epoch in range(epoch, cfg.n_repetitions):
         next_snapshot = store.spec.chunk_size
         epoch_tokens = 0
-        for x in loader.epoch(epoch):
-            stats = train_step(ensemble, optimizer, x.to(device, non_blocking=True))
+        for i, x in enumerate(loader.epoch(epoch)):
+            epoch_tokens += len(x)
+            if i < skip:
+                continue
+            rows = split_evenly(len(x), dist.world_size, dist.rank) if data_parallel else range(len(x))
+            x_local = x[rows.start : rows.stop].to(device, non_blocking=True)
+            stats = train_step(ensemble, optimizer, x_local, n_total=len(x), step_fn=step_fn, model=model,
+                               loss_scale=dist.world_size if data_parallel else 1.0)
             steps += 1
             tokens += len(x)
-            epoch_tokens += len(x)
+            trained_here += len(x)
             bar.update(len(x))
-            if steps % 20 == 1:
-                row = {"step": steps, "tokens": tokens, **{k: v.tolist() for k, v in stats.items()}}
-                train_log.write(json.dumps(row) + "\n")
-                l0 = stats["l0"]
-                bar.set_postfix_str(f"L0 {l0.min():.0f}-{l0.max():.0f}, mse {stats['mse'].min():.3g}-{stats['mse'].max():.3g}")
+            if steps % LOG_EVERY == 1:
+                _log_step(stats, steps, tokens, dist, data_parallel, by_members, train_log, bar)
             if cfg.save_after_every and epoch_tokens >= next_snapshot:
                 chunk = epoch_tokens // store.spec.chunk_size
-                _save(ensemble, cfg, store, hook, out / "snapshots" / f"epoch_{epoch}_chunk_{chunk}", None, {})
+                _save(ensemble, local, cfg, store, hook, out / "snapshots" / f"epoch_{epoch}_chunk_{chunk}", dist,
+                      by_members, None, {})
                 next_snapshot += store.spec.chunk_size
+            if cfg.checkpoint_every and steps % cfg.checkpoint_every == 0:
+                checkpointer.save({"ensemble": ensemble.state_dict(), "optimizer": optimizer.state_dict(),
+                                   "epoch": epoch, "batch_in_epoch": i + 1, "steps": steps, "tokens": tokens,
+                                   "torch_rng": torch.get_rng_state(), "fingerprint": _fingerprint(cfg, dist)},
+                                  steps)
+        skip = 0
         if epoch < cfg.n_repetitions - 1:
-            _save(ensemble, cfg, store, hook, out / "snapshots" / f"epoch_{epoch}", None, {})
+            _save(ensemble, local, cfg, store, hook, out / "snapshots" / f"epoch_{epoch}", dist, by_members, None, {})
     bar.close()
-    train_log.close()
+    if train_log:
+        train_log.close()
     seconds = time.perf_counter() - start
-    training = {"steps": steps, "tokens": tokens, "seconds": round(seconds, 2),
-                "tokens_per_s": round(tokens / max(seconds, 1e-9), 1)}
-    log(f"trained {steps} steps, {tokens} tokens in {seconds:.1f} s ({tokens / max(seconds, 1e-9):.0f} tokens/s, "
-        f"{n_members * tokens / max(seconds, 1e-9):.0f} SAE-tokens/s)")
-    metrics = evaluate(ensemble, store, hook, eval_rows, cfg.batch_size, device) if eval_rows else None
-    index = _save(ensemble, cfg, store, hook, out, metrics, training)
+    rate = trained_here / max(seconds, 1e-9)
+    training = {"steps": steps, "tokens": tokens, "seconds_this_run": round(seconds, 2), "tokens_per_s": round(rate, 1),
+                "sae_tokens_per_s": round(rate * n_members, 1), "world_size": dist.world_size,
+                "parallel": cfg.parallel if dist.active else "none", "compiled": use_compile, "autocast": cfg.autocast}
+    log(f"trained {steps} steps, {tokens} tokens in {seconds:.1f} s ({rate:.0f} tokens/s, {rate * n_members:.0f} "
+        "SAE-tokens/s)")
+    metrics = None
+    if eval_rows and (by_members or dist.is_main):
+        metrics = evaluate(ensemble, store, hook, eval_rows, cfg.batch_size, device)
+    index = _save(ensemble, local, cfg, store, hook, out, dist, by_members, metrics, training)
+    checkpointer.remove()
+    if index is None:
+        return None
     if metrics is not None:
         table = metrics_table(index["members"], sweep_param)
-        (out / "metrics.md").write_text(f"Held-out evaluation on {metrics['n_tokens']} rows of {store.path}\n\n{table}\n")
+        n_eval = index["members"][0]["metrics"]["n_tokens"]
+        (out / "metrics.md").write_text(f"Held-out evaluation on {n_eval} rows of {store.path}\n\n{table}\n")
         log(table)
     log(f"saved {n_members} SAEs to {out}")
     return index
+
+
+def _make_step_fn(use_compile: bool, autocast: str, device_type: str):
+    fn = torch.compile(loss_and_stats) if use_compile else loss_and_stats
+    if autocast == "none":
+        return fn
+
+    def step_fn(*args):
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            return fn(*args)
+
+    return step_fn
+
+
+def _trim_log(path: Path, steps: int) -> None:
+    """Drop log lines beyond `steps` (written after the checkpoint a resumed run restarts from)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= steps]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def _log_step(stats: dict, steps: int, tokens: int, dist: Dist, data_parallel: bool, by_members: bool, train_log,
+              bar) -> None:
+    """Log the trained batch's per-member stats: summed over data-parallel ranks (they are normalised by the
+    global batch), or gathered from member-parallel ranks. Every rank calls this at the same steps."""
+    if data_parallel:
+        stats = {k: dist.all_reduce_sum(v.clone()) for k, v in stats.items()}
+    elif by_members:
+        parts = dist.all_gather_objects({k: v.cpu() for k, v in stats.items()})
+        stats = {k: torch.cat([p[k] for p in parts]) for k in stats}
+    if train_log is None:
+        return
+    train_log.write(json.dumps({"step": steps, "tokens": tokens, **{k: v.tolist() for k, v in stats.items()}}) + "\n")
+    train_log.flush()
+    l0, mse = stats["l0"], stats["mse"]
+    bar.set_postfix_str(f"L0 {l0.min():.0f}-{l0.max():.0f}, mse {mse.min():.3g}-{mse.max():.3g}")
 
 
 def _member_metrics(metrics: dict | None, i: int) -> dict:
@@ -156,21 +310,31 @@ def _member_metrics(metrics: dict | None, i: int) -> dict:
     return {k: float(metrics[k][i]) for k in keys} | {"n_tokens": int(metrics["n_tokens"])}
 
 
-def _save(ensemble: SAEEnsemble, cfg: SweepConfig, store: ActivationStore, hook: str, out: Path,
-          metrics: dict | None, training: dict) -> dict:
+def _save(ensemble: SAEEnsemble, local: range, cfg: SweepConfig, store: ActivationStore, hook: str, out: Path,
+          dist: Dist, by_members: bool, metrics: dict | None, training: dict) -> dict | None:
+    """Write a sweep folder from rank 0: with member-parallel ranks, every rank's members are gathered first
+    (every rank must call this); with data-parallel ranks, rank 0 holds all members and writes alone."""
     spec = store.spec
-    members = []
-    for i in range(ensemble.n_members):
-        member_cfg = {
-            "architecture": ensemble.architecture, "d_in": ensemble.d_in, "d_sae": ensemble.d_sae,
-            "dtype": "float32", "device": str(cfg.device), "apply_b_dec_to_input": True,
-            "normalize_activations": "none", "hook_name": hook, **ensemble.member_hyperparams(i),
-            "tied": ensemble.tied,
-            "metadata": {"model_name": spec.model, "hook_name": hook, "context_size": spec.context_size,
-                         "prepend_bos": spec.extra.get("prepend_bos", True), "dataset_path": str(store.path),
-                         "dataset": spec.dataset, "seed": ensemble.seeds[i], "saetool_version": saetool.__version__},
-        }
-        members.append((ensemble.member_weights(i), member_cfg, _member_metrics(metrics, i)))
+    payload = []
+    if by_members or dist.is_main:
+        for j, i in enumerate(local):
+            member_cfg = {
+                "architecture": ensemble.architecture, "d_in": ensemble.d_in, "d_sae": ensemble.d_sae,
+                "dtype": "float32", "device": str(cfg.device), "apply_b_dec_to_input": True,
+                "normalize_activations": "none", "hook_name": hook, **ensemble.member_hyperparams(j),
+                "tied": ensemble.tied,
+                "metadata": {"model_name": spec.model, "hook_name": hook, "context_size": spec.context_size,
+                             "prepend_bos": spec.extra.get("prepend_bos", True), "dataset_path": str(store.path),
+                             "dataset": spec.dataset, "seed": ensemble.seeds[j],
+                             "saetool_version": saetool.__version__},
+            }
+            weights = {k: v.cpu() for k, v in ensemble.member_weights(j).items()}
+            payload.append((i, weights, member_cfg, _member_metrics(metrics, j)))
+    if by_members:
+        payload = [m for part in dist.all_gather_objects(payload) for m in part]
+    if not dist.is_main:
+        return None
+    members = [m[1:] for m in sorted(payload, key=lambda m: m[0])]
     index = {"saetool_version": saetool.__version__, "config": dataclasses.asdict(cfg),
              "store": {"path": str(store.path), "model": spec.model, "hook_name": hook, "n_rows": spec.n_rows},
              "sweep_param": ensemble.arch.SWEEP_PARAM, "training": training}

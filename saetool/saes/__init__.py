@@ -1,7 +1,7 @@
 """SAE architectures: one module each, registered by their SAELens architecture name.
 
 Every architecture gives, for a stack of members (leading axis n_members) or a single SAE (no member axis):
-`activation(pre, hp)` (pre-activations [..., d_sae] -> latents f), `sparsity_loss(f, hp)` (per member) and
+`activation(pre, hp)` (pre-activations [..., d_sae] -> latents f), `sparsity_loss(f, hp)` (per member and token) and
 `SWEEP_PARAM`, the hyperparameter a sweep varies. `hp` maps hyperparameter names to tensors broadcastable
 against the member axis ([n_members] for a stack, 0-d for a single SAE).
 """

@@ -25,5 +25,6 @@ def activation(pre: torch.Tensor, hp: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def sparsity_loss(f: torch.Tensor, hp: dict[str, torch.Tensor]) -> torch.Tensor:
-    """l1_coefficient * mean over tokens of sum_i |f_i|. f [n_members, batch, d_sae] -> [n_members]."""
-    return hp["l1_coefficient"] * f.abs().sum(-1).mean(-1)
+    """Per-token penalty l1_coefficient * sum_i |f_i|: f [n_members, batch, d_sae] -> [n_members, batch]
+    (the ensemble averages it over tokens)."""
+    return hp["l1_coefficient"].unsqueeze(-1) * f.abs().sum(-1)

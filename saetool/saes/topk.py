@@ -28,5 +28,5 @@ def activation(pre: torch.Tensor, hp: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def sparsity_loss(f: torch.Tensor, hp: dict[str, torch.Tensor]) -> torch.Tensor:
-    """No sparsity penalty: zeros [n_members]."""
-    return f.new_zeros(f.shape[0])
+    """No sparsity penalty: zeros [n_members, batch]."""
+    return f.new_zeros(f.shape[:-1])

@@ -1,0 +1,137 @@
+"""The sweep across processes (data- and member-parallel, through Accelerate on CPU/gloo), uneven data (D1),
+checkpoint + resume (also after SIGKILL), and the compiled step against eager."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import saetool.sweep as sweep_mod
+from saetool.config import SweepConfig
+from saetool.io import load_sweep, read_index
+from tests.synthetic import write_store
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def data(n=600, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g) * torch.linspace(0.5, 3, d) + 1.0
+
+
+def launch(n_procs, args, timeout=240):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n_procs),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           str(ROOT / "launch" / "sweep.py"), *args]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def flags(store, out, **kw):
+    base = {"dataset_dir": store, "output_dir": out, "ratio": 2, "l1_values": "0.0,0.01,0.1", "batch_size": 30,
+            "eval_tokens": 40, "adam_lr": 0.01, "device": "cpu"}
+    base.update(kw)
+    return [f"--{k}={v}" for k, v in base.items()]
+
+
+def single(store, out, **kw):
+    cfg = SweepConfig(dataset_dir=str(store), output_dir=str(out), ratio=2, l1_values=[0.0, 0.01, 0.1],
+                      batch_size=30, eval_tokens=40, adam_lr=0.01, device="cpu", **kw)
+    return sweep_mod.run_sweep(cfg, log=lambda *a: None)
+
+
+def assert_same_saes(a, b, atol):
+    sa, sb = load_sweep(a), load_sweep(b)
+    assert sorted(sa) == sorted(sb)
+    for key in sa:
+        for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+            torch.testing.assert_close(getattr(sa[key], name), getattr(sb[key], name), atol=atol, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("store") / "s.zarr"
+    write_store(path, data(), context_size=4, chunk_size=40)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "sweep"
+    single(store, out)
+    return out
+
+
+@pytest.mark.parametrize("mode,n_procs", [("data", 2), ("members", 2), ("data", 3)])
+def test_parallel_sweep_equals_one_process(store, reference, tmp_path, mode, n_procs):
+    launch(n_procs, flags(store, tmp_path / "out", parallel=mode))
+    index = read_index(tmp_path / "out")
+    assert index["training"]["world_size"] == n_procs and index["training"]["parallel"] == mode
+    assert index["training"]["steps"] == read_index(reference)["training"]["steps"] == 19  # ceil(560 / 30)
+    assert_same_saes(tmp_path / "out", reference, atol=1e-5)
+    ref = {m["l1_coefficient"]: m["metrics"] for m in read_index(reference)["members"]}
+    for m in index["members"]:
+        assert m["metrics"]["fvu"] == pytest.approx(ref[m["l1_coefficient"]]["fvu"], abs=1e-5)
+
+
+@pytest.mark.parametrize("n_rows,n_procs", [(5, 2), (7, 3)])
+def test_d1_uneven_data_completes_with_equal_steps(tmp_path, n_rows, n_procs):
+    write_store(tmp_path / "s.zarr", data(n_rows), context_size=1, chunk_size=2)
+    launch(n_procs, flags(tmp_path / "s.zarr", tmp_path / "out", batch_size=1, eval_tokens=0), timeout=180)
+    index = read_index(tmp_path / "out")
+    assert index["training"]["world_size"] == n_procs
+    assert index["training"]["steps"] == n_rows and index["training"]["tokens"] == n_rows
+
+
+def test_resume_after_interruption_equals_uninterrupted(store, reference, tmp_path, monkeypatch):
+    real_step, calls = sweep_mod.train_step, {"n": 0}
+
+    def crashing_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise KeyboardInterrupt("killed")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(sweep_mod, "train_step", crashing_step)
+    with pytest.raises(KeyboardInterrupt):
+        single(store, tmp_path / "out", checkpoint_every=3)
+    monkeypatch.setattr(sweep_mod, "train_step", real_step)
+    assert (tmp_path / "out" / "checkpoint" / "latest").read_text() == "step_6"
+    with pytest.raises(ValueError, match="unfinished sweep; pass --resume True"):
+        single(store, tmp_path / "out")
+    single(store, tmp_path / "out", checkpoint_every=3, resume=True)
+    assert_same_saes(tmp_path / "out", reference, atol=0)
+    assert not (tmp_path / "out" / "checkpoint").exists()
+    steps = [int(line.split('"step": ')[1].split(",")[0]) for line in (tmp_path / "out" / "train_log.jsonl").open()]
+    assert steps == [1]  # logged once per LOG_EVERY steps, never twice after the resume
+
+
+def test_resume_after_sigkill_with_compiled_step(store, reference, tmp_path):
+    args = flags(store, tmp_path / "out", checkpoint_every=2, compile=True)
+    cmd = [sys.executable, "-m", "saetool.cli", "sweep", *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = tmp_path / "out" / "checkpoint" / "latest"
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if latest.exists() and latest.read_text() not in ("step_2",):
+            break
+        time.sleep(0.05)
+    killed = proc.poll() is None
+    if killed:
+        proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    print("killed mid-run:", killed, latest.read_text() if latest.exists() else None)
+    if killed:
+        step_dir = tmp_path / "out" / "checkpoint" / latest.read_text()
+        state = torch.load(step_dir / "rank0.pt", weights_only=False)
+        assert not any("_orig_mod" in k for k in state["ensemble"])
+        assert not (tmp_path / "out" / "sweep.json").exists()
+        subprocess.run(cmd + ["--resume=True"], cwd=ROOT, check=True, capture_output=True, timeout=240)
+    assert_same_saes(tmp_path / "out", reference, atol=1e-5)  # compiled vs eager: within float tolerance

@@ -124,8 +124,13 @@ class SweepConfig:
     parallel: str = "data"
     """With several processes: data (each batch split across ranks, gradients averaged by DDP) or members
     (members partitioned across ranks, every rank reads the same batches)."""
+    kernel: str = "auto"
+    """Training step: fused (hand-derived backward, members in groups; standard and topk), autograd, or auto
+    (fused where the architecture has it)."""
+    member_group: int = 0
+    """Members per batched matmul in the fused kernel; 0 = auto (all on CUDA, 4 on CPU; see the benchmark)."""
     compile: bool | None = None
-    """torch.compile the ensemble's forward+loss; None = on for CUDA, off on CPU (see the benchmark)."""
+    """torch.compile the step; None = on for CUDA, off on CPU (see the benchmark)."""
     autocast: str = "none"
     """Mixed precision for forward/backward: none or bf16 (weights and Adam stay fp32)."""
     checkpoint_every: int = 0
@@ -146,6 +151,8 @@ class SweepConfig:
         _check(self.parallel in ("data", "members"), "parallel", "must be data or members")
         _check(self.autocast in ("none", "bf16"), "autocast", "must be none or bf16")
         _check(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
+        _check(self.kernel in ("auto", "fused", "autograd"), "kernel", "must be auto, fused or autograd")
+        _check(self.member_group >= 0, "member_group", "must be >= 0")
         if self.l1_values is not None:
             _check(len(self.l1_values) > 0 and all(v >= 0 for v in self.l1_values), "l1_values",
                    "must be a non-empty list of values >= 0")

@@ -33,6 +33,7 @@ import saetool
 from saetool.config import SweepConfig
 from saetool.distributed import Dist, split_evenly
 from saetool.ensemble import SAEEnsemble, loss_and_stats, train_step
+from saetool.fused import FUSED_ARCHITECTURES, fused_loss_and_grads
 from saetool.io import INDEX_FILE, write_sweep
 from saetool.loader import BatchLoader
 from saetool.metrics import ReconstructionStats
@@ -40,7 +41,7 @@ from saetool.store import ActivationStore, StoreError
 
 LOG_EVERY = 20
 # Settings that may differ between a checkpointed run and its resumption.
-RESUME_FREE = ("resume", "checkpoint_every", "device", "compile")
+RESUME_FREE = ("resume", "checkpoint_every", "device", "compile", "kernel", "member_group")
 
 
 def member_hyperparams(cfg: SweepConfig) -> dict[str, list]:
@@ -179,15 +180,26 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict | None:
         ensemble.set_b_dec(_data_mean(store, hook, train_rows))
     optimizer = torch.optim.Adam(ensemble.parameters(), lr=cfg.adam_lr)
     data_parallel = cfg.parallel == "data" and dist.active
-    model = torch.nn.parallel.DistributedDataParallel(ensemble, broadcast_buffers=False) if data_parallel else ensemble
-    use_compile = cfg.compile if cfg.compile is not None else str(device).startswith("cuda")
+    fused = cfg.kernel == "fused" or (cfg.kernel == "auto" and cfg.architecture in FUSED_ARCHITECTURES
+                                      and cfg.autocast == "none")
+    if fused and cfg.autocast != "none":
+        raise ValueError("--kernel fused runs in the weights' dtype; use --kernel autograd with --autocast bf16")
+    # the fused kernel sums its gradients over ranks itself; the autograd path uses DDP
+    model = ensemble
+    if data_parallel and not fused:
+        model = torch.nn.parallel.DistributedDataParallel(ensemble, broadcast_buffers=False)
+    on_cuda = str(device).startswith("cuda")
+    use_compile = cfg.compile if cfg.compile is not None else on_cuda
+    group = cfg.member_group or (len(local) if on_cuda else 4)
     step_fn = _make_step_fn(use_compile, cfg.autocast, torch.device(device).type)
+    fused_fn = torch.compile(fused_loss_and_grads) if (fused and use_compile) else fused_loss_and_grads
     loader = BatchLoader(store, hook, cfg.batch_size, train_rows, seed=cfg.seed, shuffle_chunks=cfg.shuffle_chunks)
     sweep_param = ensemble.arch.SWEEP_PARAM
     log(f"sweep: {n_members} {cfg.architecture} SAEs ({sweep_param} {hyper[sweep_param][0]:.3g}.."
         f"{hyper[sweep_param][-1]:.3g}), d_in {d_in}, d_sae {d_sae}, hook {hook}, {loader.n_rows} training rows x "
         f"{cfg.n_repetitions}, device {device}, {dist.world_size} process(es)"
-        + (f", parallel {cfg.parallel}" if dist.active else "") + (", compiled" if use_compile else ""))
+        + (f", parallel {cfg.parallel}" if dist.active else "") + (", fused kernel" if fused else ", autograd")
+        + (", compiled" if use_compile else ""))
 
     epoch = skip = steps = tokens = 0
     if cfg.resume and checkpointer.exists():
@@ -219,8 +231,12 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict | None:
                 continue
             rows = split_evenly(len(x), dist.world_size, dist.rank) if data_parallel else range(len(x))
             x_local = x[rows.start : rows.stop].to(device, non_blocking=True)
-            stats = train_step(ensemble, optimizer, x_local, n_total=len(x), step_fn=step_fn, model=model,
-                               loss_scale=dist.world_size if data_parallel else 1.0)
+            if fused:
+                stats = train_batch_fused(ensemble, optimizer, x_local, len(x), group, fused_fn,
+                                          dist if data_parallel else None)
+            else:
+                stats = train_step(ensemble, optimizer, x_local, n_total=len(x), step_fn=step_fn, model=model,
+                                   loss_scale=dist.world_size if data_parallel else 1.0)
             steps += 1
             tokens += len(x)
             trained_here += len(x)
@@ -264,6 +280,21 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict | None:
         log(table)
     log(f"saved {n_members} SAEs to {out}")
     return index
+
+
+def train_batch_fused(ensemble: SAEEnsemble, optimizer: torch.optim.Optimizer, x: torch.Tensor, n_total: int,
+                      group: int, fused_fn=fused_loss_and_grads, dist: Dist | None = None) -> dict[str, torch.Tensor]:
+    """One fused step: gradients of this rank's rows (normalised by the global batch n_total), summed over
+    data-parallel ranks in one flat all-reduce (the exact global gradient), Adam, decoder renormalisation."""
+    stats = fused_fn(ensemble, x, n_total, group)
+    if dist is not None and dist.active:
+        grads = [p.grad for p in ensemble.parameters()]
+        flat = dist.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]))
+        for g, new in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(new.view_as(g))
+    optimizer.step()
+    ensemble.normalize_decoder()
+    return stats
 
 
 def _make_step_fn(use_compile: bool, autocast: str, device_type: str):

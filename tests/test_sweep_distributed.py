@@ -69,9 +69,11 @@ def reference(store, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("mode,n_procs", [("data", 2), ("members", 2), ("data", 3)])
-def test_parallel_sweep_equals_one_process(store, reference, tmp_path, mode, n_procs):
-    launch(n_procs, flags(store, tmp_path / "out", parallel=mode))
+@pytest.mark.parametrize("mode,n_procs,kernel", [("data", 2, "fused"), ("members", 2, "fused"), ("data", 3, "fused"),
+                                                 ("data", 2, "autograd")])
+def test_parallel_sweep_equals_one_process(store, reference, tmp_path, mode, n_procs, kernel):
+    # the reference is one process with the fused kernel; "autograd" runs DistributedDataParallel
+    launch(n_procs, flags(store, tmp_path / "out", parallel=mode, kernel=kernel))
     index = read_index(tmp_path / "out")
     assert index["training"]["world_size"] == n_procs and index["training"]["parallel"] == mode
     assert index["training"]["steps"] == read_index(reference)["training"]["steps"] == 19  # ceil(560 / 30)
@@ -91,7 +93,7 @@ def test_d1_uneven_data_completes_with_equal_steps(tmp_path, n_rows, n_procs):
 
 
 def test_resume_after_interruption_equals_uninterrupted(store, reference, tmp_path, monkeypatch):
-    real_step, calls = sweep_mod.train_step, {"n": 0}
+    real_step, calls = sweep_mod.train_batch_fused, {"n": 0}
 
     def crashing_step(*args, **kwargs):
         calls["n"] += 1
@@ -99,10 +101,10 @@ def test_resume_after_interruption_equals_uninterrupted(store, reference, tmp_pa
             raise KeyboardInterrupt("killed")
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(sweep_mod, "train_step", crashing_step)
+    monkeypatch.setattr(sweep_mod, "train_batch_fused", crashing_step)
     with pytest.raises(KeyboardInterrupt):
         single(store, tmp_path / "out", checkpoint_every=3)
-    monkeypatch.setattr(sweep_mod, "train_step", real_step)
+    monkeypatch.setattr(sweep_mod, "train_batch_fused", real_step)
     assert (tmp_path / "out" / "checkpoint" / "latest").read_text() == "step_6"
     with pytest.raises(ValueError, match="unfinished sweep; pass --resume True"):
         single(store, tmp_path / "out")

@@ -1,0 +1,88 @@
+"""The fused ensemble step: forward, loss and hand-derived backward of every member, without autograd.
+
+For member m (shapes without the member axis; x [B, d_in], n = global batch size, D = d_in):
+
+    pre   = x W_enc + (b_enc - b_dec W_enc)             [B, d_sae]   (= (x - b_dec) W_enc + b_enc)
+    f     = act(pre)                                    ReLU, or ReLU of the top-k (saetool.saes)
+    x_hat = f W_dec + b_dec                             [B, D]
+    loss  = sum (x_hat - x)^2 / (n D) + l1 * sum f / n  (f >= 0, so sum f = sum |f|)
+
+    g_xhat  = 2 (x_hat - x) / (n D)
+    dW_dec  = f^T g_xhat                 db_dec  = sum_rows g_xhat - (sum_rows g_pre) W_enc^T
+    g_f     = g_xhat W_dec^T + l1 / n    g_pre   = g_f * [f > 0]     (the ReLU / kept-top-k mask)
+    dW_enc  = x^T g_pre - b_dec^T (sum_rows g_pre)                   db_enc = sum_rows g_pre
+    tied (W_enc = W_dec^T): dW_dec += dW_enc^T
+
+This is exactly the gradient autograd computes (tested against it and against separately trained
+plain-PyTorch SAEs), with three savings: (1) b_dec is folded into the encoder bias, so no gradient w.r.t. the
+centred input is formed: five matmuls per member (10 B D d_sae FLOPs) instead of six; (2) members are
+processed in groups of `group_size`, so only [group, B, d_sae] intermediates are alive at once (the memory
+traffic of one [n_members, B, d_sae] stack made a single big bmm slower than a loop on CPU); (3) buffers are
+reused in place and no autograd graph is built. The elementwise parts (mask, bias, L1 term) are cheap next
+to the five matmuls; `torch.compile` can fuse them further.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from saetool.ensemble import SAEEnsemble
+
+FUSED_ARCHITECTURES = ("standard", "topk")
+
+
+@torch.no_grad()
+def fused_loss_and_grads(ensemble: SAEEnsemble, x: torch.Tensor, n_total: int, group_size: int,
+                         grad_scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """Write every member's gradient into the parameters' `.grad` and return the batch statistics.
+
+    x: this process's rows [rows, d_in] (float32, or the ensemble's dtype); n_total: the global batch size the
+    losses are normalised by (see SAEEnsemble.losses); group_size: members per batched matmul.
+    Returns {"loss", "mse", "sparsity", "l0"} each [n_members] (normalised by n_total), as loss_and_stats.
+    Raises ValueError for architectures without a fused kernel (use the autograd path).
+    """
+    if ensemble.architecture not in FUSED_ARCHITECTURES:
+        raise ValueError(f"no fused kernel for architecture {ensemble.architecture!r}")
+    W_enc, W_dec, b_enc, b_dec = ensemble.W_enc, ensemble.W_dec, ensemble.b_enc, ensemble.b_dec
+    params = [W_dec, b_enc, b_dec] + ([] if ensemble.tied else [ensemble.W_enc_param])
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    gW_dec, gb_enc, gb_dec = W_dec.grad, b_enc.grad, b_dec.grad
+    gW_enc = None if ensemble.tied else ensemble.W_enc_param.grad
+    N, d = ensemble.n_members, ensemble.d_in
+    hp = ensemble.hp()
+    l1 = hp.get("l1_coefficient")
+    stats = {k: x.new_zeros(N, dtype=torch.float32) for k in ("mse", "sparsity", "l0")}
+    xt = x.t()
+    for g0 in range(0, N, group_size):
+        g = slice(g0, min(N, g0 + group_size))
+        We, Wd, bd = W_enc[g], W_dec[g], b_dec[g]
+        bias = b_enc[g] - torch.bmm(bd.unsqueeze(1), We).squeeze(1)                       # [G, S]
+        pre = torch.matmul(x, We).add_(bias.unsqueeze(1))                                   # [G, B, S]
+        f = ensemble.arch.activation(pre, {k: v[g] for k, v in hp.items()})
+        del pre
+        e = torch.baddbmm(bd.unsqueeze(1), f, Wd).sub_(x)                                  # x_hat - x [G, B, D]
+        stats["mse"][g] = e.pow(2).sum((1, 2)) / (n_total * d)
+        active = f > 0
+        stats["l0"][g] = active.sum((1, 2)).float() / n_total
+        if l1 is not None:
+            stats["sparsity"][g] = l1[g] * f.sum((1, 2)) / n_total
+        g_xhat = e.mul_(2.0 * grad_scale / (n_total * d))
+        gW_dec[g] = torch.bmm(f.transpose(1, 2), g_xhat)
+        del f
+        g_pre = torch.bmm(g_xhat, Wd.transpose(1, 2))                                       # g_f [G, B, S]
+        if l1 is not None:
+            g_pre.add_((l1[g] * (grad_scale / n_total)).view(-1, 1, 1))
+        g_pre.mul_(active)
+        del active
+        s = g_pre.sum(1)                                                                     # [G, S]
+        dW_enc = torch.matmul(xt, g_pre).sub_(bd.unsqueeze(2) * s.unsqueeze(1))           # [G, D, S]
+        gb_enc[g] = s
+        gb_dec[g] = g_xhat.sum(1) - torch.bmm(s.unsqueeze(1), We.transpose(1, 2)).squeeze(1)
+        if gW_enc is None:
+            gW_dec[g] += dW_enc.transpose(1, 2)
+        else:
+            gW_enc[g] = dW_enc
+    stats["loss"] = stats["mse"] + stats["sparsity"]
+    return stats

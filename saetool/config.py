@@ -86,7 +86,7 @@ class SweepConfig:
     output_dir: str = "sweep_outputs"
     """Where the sweep (sweep.json, saes/<member>/, metrics.md) is written."""
     architecture: str = "standard"
-    """standard (ReLU + L1) or topk."""
+    """standard (ReLU + L1), topk, batchtopk, jumprelu, gated or matryoshka_batchtopk (saetool.saes)."""
     tied: bool = False
     """Tie W_enc to W_dec^T (standard only; the original tool's tied SAE)."""
     ratio: float = 4.0
@@ -100,7 +100,28 @@ class SweepConfig:
     l1_values: list[float] | None = None
     """Explicit L1 coefficients (overrides min/max/n)."""
     k_values: list[int] | None = None
-    """k of each TopK member (architecture topk); default 16,32,64,128."""
+    """k of each member (architectures topk, batchtopk, matryoshka_batchtopk); default 16,32,64,128."""
+    l0_values: list[float] | None = None
+    """L0 coefficient of each JumpReLU member; default 1e-3,3e-3,1e-2,3e-2."""
+    jumprelu_bandwidth: float = 0.001
+    """JumpReLU straight-through bandwidth eps (every member)."""
+    jumprelu_init_threshold: float = 0.001
+    """Initial JumpReLU threshold of every latent (Gemma Scope: 0.001 on normalised inputs)."""
+    matryoshka_widths: list[int] | None = None
+    """Nested prefix sizes of matryoshka_batchtopk, the last = d_sae; default d_sae/8, /4, /2, 1."""
+    normalize_activations: str = "none"
+    """none, or expected_average_only_in: scale inputs so their mean norm is sqrt(d_in) (estimated on up to 65536
+    training rows), folded into the saved weights (saved SAEs read raw activations)."""
+    lr_warmup_steps: int = 0
+    """Linear learning-rate warm-up over this many steps."""
+    l1_warmup_steps: int = 0
+    """Linear warm-up of the sparsity coefficient (l1_coefficient / l0_coefficient) over this many steps."""
+    config: str | None = None
+    """A sweep YAML (configs/sweeps/): its top-level keys are flags (explicit flags win), and its `ensembles`
+    list trains one ensemble per entry in the same run."""
+    ensembles: list[dict] | None = None
+    """One dict of flags per ensemble (usually from --config); each is trained into OUTPUT_DIR/<name>/ and
+    OUTPUT_DIR/sweep.json indexes every member."""
     batch_size: int = 4096
     """Rows per training step (all members see the same batch)."""
     device: str = field(default_factory=_default_device)
@@ -133,6 +154,10 @@ class SweepConfig:
     """torch.compile the step; None = on for CUDA, off on CPU (see the benchmark)."""
     autocast: str = "none"
     """Mixed precision for forward/backward: none or bf16 (weights and Adam stay fp32)."""
+    report: bool = True
+    """After training, write OUTPUT_DIR/report/index.html (plots, member table; `saetool report` has more options)."""
+    report_contexts: int = 8
+    """Held-out contexts for the report's spliced CE/KL evaluation with the store's model (0 = skip it)."""
     checkpoint_every: int = 0
     """Save weights, Adam state and data position every N steps (0 = never) to OUTPUT_DIR/checkpoint/."""
     resume: bool = False
@@ -146,13 +171,28 @@ class SweepConfig:
         _check(self.l1_value_n >= 1, "l1_value_n", "must be >= 1")
         _check(self.eval_tokens >= 0, "eval_tokens", "must be >= 0")
         _check(self.b_dec_init in ("mean", "zeros"), "b_dec_init", "must be mean or zeros")
-        _check(self.architecture in ("standard", "topk"), "architecture", "must be standard or topk")
+        from saetool.saes import ARCHITECTURES
+
+        _check(self.architecture in ARCHITECTURES, "architecture", f"must be one of {', '.join(ARCHITECTURES)}")
+        _check(self.normalize_activations in ("none", "expected_average_only_in"), "normalize_activations",
+               "must be none or expected_average_only_in")
+        _check(self.lr_warmup_steps >= 0, "lr_warmup_steps", "must be >= 0")
+        _check(self.l1_warmup_steps >= 0, "l1_warmup_steps", "must be >= 0")
+        _check(self.jumprelu_init_threshold > 0, "jumprelu_init_threshold", "must be > 0")
+        _check(self.jumprelu_bandwidth > 0, "jumprelu_bandwidth", "must be > 0")
+        if self.l0_values is not None:
+            _check(len(self.l0_values) > 0 and all(v >= 0 for v in self.l0_values), "l0_values",
+                   "must be a non-empty list of values >= 0")
+        if self.ensembles is not None:
+            _check(isinstance(self.ensembles, list) and len(self.ensembles) > 0
+                   and all(isinstance(e, dict) for e in self.ensembles), "ensembles", "must be a list of flag dicts")
         _check(not (self.tied and self.architecture != "standard"), "tied", "applies to architecture standard only")
         _check(self.parallel in ("data", "members"), "parallel", "must be data or members")
         _check(self.autocast in ("none", "bf16"), "autocast", "must be none or bf16")
         _check(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
         _check(self.kernel in ("auto", "fused", "autograd"), "kernel", "must be auto, fused or autograd")
         _check(self.member_group >= 0, "member_group", "must be >= 0")
+        _check(self.report_contexts >= 0, "report_contexts", "must be >= 0")
         if self.l1_values is not None:
             _check(len(self.l1_values) > 0 and all(v >= 0 for v in self.l1_values), "l1_values",
                    "must be a non-empty list of values >= 0")

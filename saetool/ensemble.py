@@ -3,7 +3,9 @@
 Parameters carry a leading member axis (the field's names):
     W_enc [n_members, d_in, d_sae]   b_enc [n_members, d_sae]
     W_dec [n_members, d_sae, d_in]   b_dec [n_members, d_in]
-and per-member hyperparameters are buffers [n_members] (`l1_coefficient`, `k`). Every member sees the same
+plus, per architecture (saetool.saes, `init_extra`), extra parameters with the same leading axis (JumpReLU's
+log_threshold, Gated's b_gate/b_mag/r_mag, which also has no b_enc) and buffers (BatchTopK's threshold).
+Per-member hyperparameters are buffers [n_members] (`l1_coefficient`, `k`, `l0_coefficient`, `bandwidth`). Every member sees the same
 batch x [batch, d_in]; the forward is two batched matmuls (`torch.baddbmm`) for all members, and the loss is
 the SUM of the members' losses, so each member's gradient is exactly its own loss's gradient. Adam is
 elementwise with a step counter shared by members that always step together, so `torch.optim.Adam` over the
@@ -17,7 +19,8 @@ import math
 import torch
 from torch import nn
 
-from saetool.saes import get_architecture
+from saetool.saes import get_architecture, is_generic, options_of
+from saetool.saes._common import decode as generic_decode
 
 
 def init_member(d_in: int, d_sae: int, seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -43,18 +46,28 @@ class SAEEnsemble(nn.Module):
     """A stack of `n_members` SAEs of one architecture (see the module docstring for shapes).
 
     Args:
-        architecture: "standard" or "topk" (saetool.saes registry).
+        architecture: a name of the saetool.saes registry (standard, topk, batchtopk, jumprelu, gated,
+            matryoshka_batchtopk).
         d_in, d_sae: input and dictionary sizes.
-        hyperparams: {name: list of n_members values}, e.g. {"l1_coefficient": [1e-4, 1e-3]} or {"k": [16, 32]}.
-        seeds: one init seed per member (`init_member`).
+        hyperparams: {name: list of n_members values}, e.g. {"l1_coefficient": [1e-4, 1e-3]} or {"k": [16, 32]};
+            hyperparameters with a default (JumpReLU's bandwidth) may be omitted.
+        seeds: one init seed per member (`init_member`; extra parameters start from the architecture's constants).
         tied: W_enc is W_dec^T (one shared parameter), as the original `FunctionalTiedSAE`.
+        options: ensemble-wide architecture settings (Matryoshka's `matryoshka_widths`); defaults otherwise.
     """
 
     def __init__(self, architecture: str, d_in: int, d_sae: int, hyperparams: dict[str, list[float]],
-                 seeds: list[int], tied: bool = False, dtype: torch.dtype = torch.float32):
+                 seeds: list[int], tied: bool = False, dtype: torch.dtype = torch.float32,
+                 options: dict | None = None):
         super().__init__()
         self.arch = get_architecture(architecture)
         self.architecture, self.d_in, self.d_sae, self.tied = architecture, d_in, d_sae, tied
+        self.generic = is_generic(self.arch)
+        if tied and architecture != "standard":
+            raise ValueError("tied weights apply to architecture standard only")
+        self.options = options_of(self.arch, d_sae, options)
+        defaults = getattr(self.arch, "HYPERPARAM_DEFAULTS", {})
+        hyperparams = {**{h: [v] * len(seeds) for h, v in defaults.items()}, **hyperparams}
         missing = [h for h in self.arch.HYPERPARAMS if h not in hyperparams]
         if missing:
             raise ValueError(f"architecture {architecture!r} needs hyperparameters {missing}")
@@ -71,20 +84,44 @@ class SAEEnsemble(nn.Module):
         stack = {k: torch.stack([m[k] for m in members]) for k in members[0]}
         self.W_dec = nn.Parameter(stack["W_dec"])
         self.W_enc_param = None if tied else nn.Parameter(stack["W_enc"])
-        self.b_enc = nn.Parameter(stack["b_enc"])
+        self.b_enc = nn.Parameter(stack["b_enc"]) if "b_enc" in getattr(self.arch, "WEIGHTS", stack) else None
         self.b_dec = nn.Parameter(stack["b_dec"])
         self.seeds = list(seeds)
+        self.extra_names: tuple[str, ...] = ()
+        self.buffer_names: tuple[str, ...] = ()
+        if self.generic:
+            extra, buffers = self.arch.init_extra(self.n_members, d_in, d_sae, dtype)
+            for name, value in extra.items():
+                self.register_parameter(name, nn.Parameter(value))
+            for name, value in buffers.items():
+                self.register_buffer(name, value)
+            self.extra_names, self.buffer_names = tuple(extra), tuple(buffers)
 
     @property
     def W_enc(self) -> torch.Tensor:
         """[n_members, d_in, d_sae]; a transposed view of W_dec when tied."""
         return self.W_dec.transpose(1, 2) if self.tied else self.W_enc_param
 
-    def hp(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name) for name in self.arch.HYPERPARAMS}
+    def hp(self) -> dict:
+        """Per-member hyperparameter buffers [n_members] and the ensemble-wide options."""
+        return {**{name: getattr(self, name) for name in self.arch.HYPERPARAMS}, **self.options}
+
+    def training_tensors(self) -> dict[str, torch.Tensor]:
+        """Every trained tensor and architecture buffer by name, member axis first (W_enc a view when tied)."""
+        names = ("W_enc", "W_dec", "b_enc", "b_dec") + self.extra_names + self.buffer_names
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The saved-layout tensors of every member, shaped to broadcast against [n_members, batch, n]:
+        matrices [n_members, a, b], vectors [n_members, 1, n] (differentiable; see saetool.saes._common)."""
+        t = self.training_tensors()
+        w = self.arch.inference_weights(t) if self.generic else t
+        return {k: v if k in ("W_enc", "W_dec") else v.unsqueeze(1) for k, v in w.items()}
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """x [batch, d_in] -> latents f [n_members, batch, d_sae]."""
+        """x [batch, d_in] -> latents f [n_members, batch, d_sae] (training or inference form by `self.training`)."""
+        if self.generic:
+            return self.arch.encode(self.weights(), x, self.hp(), self.training)[0]
         pre = torch.baddbmm(self.b_enc.unsqueeze(1), x.unsqueeze(0) - self.b_dec.unsqueeze(1), self.W_enc)
         return self.arch.activation(pre, self.hp())
 
@@ -92,21 +129,40 @@ class SAEEnsemble(nn.Module):
         """f [n_members, batch, d_sae] -> x_hat [n_members, batch, d_in]."""
         return torch.baddbmm(self.b_dec.unsqueeze(1), f, self.W_dec)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [batch, d_in] -> (x_hat [n_members, batch, d_in], f [n_members, batch, d_sae])."""
-        f = self.encode(x)
-        return self.decode(f), f
+    def forward(self, x: torch.Tensor, return_pre: bool = False):
+        """x [batch, d_in] -> (x_hat [n_members, batch, d_in], f [n_members, batch, d_sae]), and with return_pre
+        the pre-activations the loss needs (generic architectures; None for standard/topk).
 
-    def losses(self, x: torch.Tensor, x_hat: torch.Tensor, f: torch.Tensor, n_total: int | None = None
-               ) -> dict[str, torch.Tensor]:
+        In training mode (nn.Module.train) the architecture's training forward runs (BatchTopK's batch top-k)
+        and its buffers are updated (BatchTopK's threshold); in eval mode the inference forward (the threshold).
+        """
+        if not self.generic:
+            f = self.encode(x)
+            return (self.decode(f), f, None) if return_pre else (self.decode(f), f)
+        w, hp = self.weights(), self.hp()
+        f, pre = self.arch.encode(w, x, hp, self.training)
+        if self.training and hasattr(self.arch, "update_buffers"):
+            self.arch.update_buffers({n: getattr(self, n) for n in self.buffer_names}, f.detach(), hp)
+        x_hat = generic_decode(w, f)
+        return (x_hat, f, pre) if return_pre else (x_hat, f)
+
+    def losses(self, x: torch.Tensor, x_hat: torch.Tensor, f: torch.Tensor, n_total: int | None = None,
+               pre: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Per-member losses, each [n_members]: "mse" (mean over dims, summed over rows / n_total), "sparsity"
-        (per-token penalty summed over rows / n_total), "loss" (their sum).
+        (per-token penalty summed over rows / n_total), "loss" (their sum). Generic architectures (which need
+        `pre` from forward(x, return_pre=True)) add their own terms, e.g. Gated's "aux", all summed into "loss".
 
         n_total defaults to the batch size (a plain mean over rows). Data-parallel training passes the GLOBAL
         batch size while x holds this rank's rows, so summing over ranks gives the exact global mean even for
         uneven shards (a mean of per-rank means would not).
         """
         n = x.shape[0] if n_total is None else n_total
+        if self.generic:
+            terms = self.arch.loss_terms(self.weights(), x, x_hat, f, pre, self.hp())
+            out = {name: t.sum(-1) / n for name, t in terms.items()}
+            out.setdefault("sparsity", torch.zeros_like(out["mse"]))
+            out["loss"] = sum(out.values())
+            return out
         mse = (x_hat - x.unsqueeze(0)).pow(2).mean(-1).sum(-1) / n
         sparsity = self.arch.sparsity_loss(f, self.hp()).sum(-1) / n
         return {"mse": mse, "sparsity": sparsity, "loss": mse + sparsity}
@@ -123,13 +179,25 @@ class SAEEnsemble(nn.Module):
         self.b_dec.copy_(value.to(self.b_dec).expand_as(self.b_dec))
 
     def member_weights(self, i: int) -> dict[str, torch.Tensor]:
-        """Member i's weights in the SAELens layout: W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc, b_dec (copies)."""
+        """Member i's weights in the SAELens layout (copies): W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc, b_dec,
+        plus the architecture's tensors (threshold [d_sae]; Gated: b_gate, b_mag, r_mag and no b_enc)."""
+        if self.generic:
+            with torch.no_grad():
+                w = self.arch.inference_weights(self.training_tensors())
+            return {k: v[i].detach().clone().contiguous() for k, v in w.items()}
         return {
             "W_enc": self.W_enc[i].detach().clone().contiguous(),
             "W_dec": self.W_dec[i].detach().clone(),
             "b_enc": self.b_enc[i].detach().clone(),
             "b_dec": self.b_dec[i].detach().clone(),
         }
+
+    def member_cfg(self, i: int) -> dict:
+        """Member i's architecture part of cfg.json: the saved architecture (e.g. "jumprelu" for BatchTopK), d_in,
+        d_sae, its hyperparameters, the ensemble options and metadata.saetool_architecture (the trained one)."""
+        return {"architecture": getattr(self.arch, "INFERENCE_ARCHITECTURE", self.architecture), "d_in": self.d_in,
+                "d_sae": self.d_sae, **self.member_hyperparams(i), **self.options,
+                "metadata": {"saetool_architecture": self.architecture}}
 
     def member_hyperparams(self, i: int) -> dict[str, float | int]:
         """Member i's hyperparameters exactly as given (not read back from a float32 buffer, which would turn
@@ -146,8 +214,8 @@ def loss_and_stats(model: nn.Module, ensemble: SAEEnsemble, x: torch.Tensor, n_t
     ("loss", "mse", "sparsity", "l0" = non-zero latents summed over rows / n_total), so summing them over
     data-parallel ranks gives the global batch means.
     """
-    x_hat, f = model(x)
-    losses = ensemble.losses(x, x_hat, f, n_total)
+    x_hat, f, pre = model(x, return_pre=True)
+    losses = ensemble.losses(x, x_hat, f, n_total, pre)
     stats = {k: v.detach() for k, v in losses.items()}
     stats["l0"] = (f.detach() != 0).sum(-1).sum(-1).float() / n_total
     return losses["loss"].sum() * loss_scale, stats

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from saetool.sae import SparseLinearAutoencoder
+from saetool.sae import SparseLinearAutoencoder, trained_architecture
 from saetool.saes import get_architecture
 
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -87,10 +87,12 @@ def write_sweep(out_dir: str | os.PathLike, members: list[tuple[dict, dict, dict
     shutil.rmtree(tmp, ignore_errors=True)
     entries = []
     for weights, cfg, metrics in members:
-        hyperparams = {h: cfg[h] for h in get_architecture(cfg["architecture"]).HYPERPARAMS}
-        name = member_folder_name(cfg["architecture"], hyperparams)
+        arch = trained_architecture(cfg)
+        hyperparams = {h: cfg[h] for h in get_architecture(arch).HYPERPARAMS}
+        name = member_folder_name(arch, hyperparams)
         save_sae(tmp / name, weights, cfg)
-        entries.append({"path": f"saes/{name}", "architecture": cfg["architecture"], **hyperparams, "metrics": metrics})
+        saved_as = {} if arch == cfg["architecture"] else {"saved_architecture": cfg["architecture"]}
+        entries.append({"path": f"saes/{name}", "architecture": arch, **saved_as, **hyperparams, "metrics": metrics})
     final = out_dir / "saes"
     if final.exists():
         shutil.rmtree(final)
@@ -108,7 +110,7 @@ def read_index(path: str | os.PathLike) -> dict:
 def load_sweep(path: str | os.PathLike, device: str | torch.device | None = "cpu",
                dtype: str | torch.dtype | None = None) -> dict[float, SparseLinearAutoencoder]:
     """All members of a sweep keyed by their swept hyperparameter: the L1 coefficient for standard SAEs
-    (the original tool's contract), k for TopK SAEs. device/dtype as in `load_sae`."""
+    (the original tool's contract), k for TopK/BatchTopK SAEs, l0_coefficient for JumpReLU SAEs. device/dtype as in `load_sae`."""
     path = Path(path)
     index = read_index(path)
     out: dict[float, SparseLinearAutoencoder] = {}

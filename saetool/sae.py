@@ -5,30 +5,54 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from saetool.saes import get_architecture
+from saetool.saes import get_architecture, is_generic, weight_shapes
+
+
+def trained_architecture(cfg: dict) -> str:
+    """The architecture an SAE was trained as: cfg["metadata"]["saetool_architecture"] when present (a BatchTopK
+    SAE is saved as "jumprelu" for inference, as SAELens does), else cfg["architecture"]."""
+    return (cfg.get("metadata") or {}).get("saetool_architecture", cfg["architecture"])
 
 
 class SparseLinearAutoencoder(nn.Module):
-    """A single SAE: f = act((x - b_dec) W_enc + b_enc), x_hat = f W_dec + b_dec.
+    """A single SAE: f = act((x - b_dec) W_enc + b_enc), x_hat = f W_dec + b_dec, with the architecture's
+    inference activation (saetool.saes): ReLU, TopK, JumpReLU (threshold [d_sae]; also BatchTopK and Matryoshka
+    BatchTopK with their learned threshold) or Gated (b_gate, b_mag, r_mag instead of b_enc).
 
-    Tensors (SAELens layout): W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc [d_sae], b_dec [d_in].
+    Tensors (SAELens layout): W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc [d_sae], b_dec [d_in] and the
+    architecture's own (`weight_shapes`); any missing or unexpected tensor is refused (ValueError).
     `cfg` is the member's cfg.json (architecture, d_in, d_sae, hook_name, hyperparameters such as
-    `l1_coefficient` or `k`, ...). Inputs may have any leading shape [..., d_in].
+    `l1_coefficient` or `k`, ...). `self.arch` is the trained architecture's module (`trained_architecture`).
+    Inputs may have any leading shape [..., d_in].
     """
 
     def __init__(self, weights: dict[str, torch.Tensor], cfg: dict):
         super().__init__()
         self.cfg = dict(cfg)
-        self.arch = get_architecture(cfg["architecture"])
+        self.arch = get_architecture(trained_architecture(cfg))
+        saved_as = getattr(self.arch, "INFERENCE_ARCHITECTURE", self.arch.NAME)
+        if cfg["architecture"] != saved_as:
+            raise ValueError(f"a {self.arch.NAME} SAE is saved as architecture {saved_as!r}, cfg says "
+                             f"{cfg['architecture']!r}")
+        if cfg.get("normalize_activations", "none") not in ("none", None):
+            raise ValueError(f"normalize_activations={cfg['normalize_activations']!r}: saetool folds the scale "
+                             "into the weights at save; an unfolded checkpoint is not supported")
         d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
-        expected = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,)}
+        expected = weight_shapes(self.arch, d_in, d_sae)
         if set(weights) != set(expected):
             raise ValueError(f"SAE weights must have exactly {sorted(expected)}, got {sorted(weights)}")
         for name, shape in expected.items():
             if tuple(weights[name].shape) != shape:
                 raise ValueError(f"{name} has shape {tuple(weights[name].shape)}, expected {shape} from cfg")
             setattr(self, name, nn.Parameter(weights[name], requires_grad=False))
-        self._hp = {h: torch.tensor(cfg[h]) for h in self.arch.HYPERPARAMS}
+        self.weight_names = tuple(expected)
+        if not is_generic(self.arch):
+            missing = [h for h in self.arch.HYPERPARAMS if h not in cfg]
+            if missing:
+                raise ValueError(f"cfg lacks hyperparameters {missing} of architecture {self.arch.NAME!r}")
+        self._hp = {h: torch.tensor(cfg[h]) for h in self.arch.HYPERPARAMS if h in cfg}
+        if hasattr(self.arch, "default_options"):
+            self._hp.update({k: cfg.get(k, v) for k, v in self.arch.default_options(d_sae).items()})
 
     @property
     def d_in(self) -> int:
@@ -38,9 +62,15 @@ class SparseLinearAutoencoder(nn.Module):
     def d_sae(self) -> int:
         return self.W_enc.shape[1]
 
+    def weights(self) -> dict[str, torch.Tensor]:
+        """{name: tensor} of every saved tensor."""
+        return {name: getattr(self, name) for name in self.weight_names}
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., d_in] -> latents f [..., d_sae] (computed in the SAE's dtype)."""
         x = x.to(self.W_enc.dtype)
+        if is_generic(self.arch):
+            return self.arch.encode(self.weights(), x, self._hp, training=False)[0]
         return self.arch.activation((x - self.b_dec) @ self.W_enc + self.b_enc, self._hp)
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
@@ -52,5 +82,5 @@ class SparseLinearAutoencoder(nn.Module):
         return self.decode(self.encode(x))
 
     def __repr__(self) -> str:
-        hp = ", ".join(f"{h}={self.cfg[h]}" for h in self.arch.HYPERPARAMS)
-        return f"SparseLinearAutoencoder({self.cfg['architecture']}, d_in={self.d_in}, d_sae={self.d_sae}, {hp})"
+        hp = ", ".join(f"{h}={self.cfg[h]}" for h in self.arch.HYPERPARAMS if h in self.cfg)
+        return f"SparseLinearAutoencoder({self.arch.NAME}, d_in={self.d_in}, d_sae={self.d_sae}, {hp})"

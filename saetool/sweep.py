@@ -37,6 +37,8 @@ from saetool.fused import FUSED_ARCHITECTURES, fused_loss_and_grads
 from saetool.io import INDEX_FILE, write_sweep
 from saetool.loader import BatchLoader
 from saetool.metrics import ReconstructionStats
+from saetool.recipes import coefficient_multiplier, fold_normalization, lr_multiplier, normalization_factor
+from saetool.saes import get_architecture
 from saetool.store import ActivationStore, StoreError
 
 LOG_EVERY = 20
@@ -46,9 +48,13 @@ RESUME_FREE = ("resume", "checkpoint_every", "device", "compile", "kernel", "mem
 
 def member_hyperparams(cfg: SweepConfig) -> dict[str, list]:
     """The swept values: {"l1_coefficient": [...]} (explicit list, or 10**linspace(min, max, n) as the original)
-    or {"k": [...]}."""
-    if cfg.architecture == "topk":
+    for standard/gated, {"k": [...]} for topk/batchtopk/matryoshka_batchtopk, {"l0_coefficient": [...],
+    "bandwidth": [...]} for jumprelu."""
+    if get_architecture(cfg.architecture).SWEEP_PARAM == "k":
         return {"k": [int(k) for k in (cfg.k_values or [16, 32, 64, 128])]}
+    if cfg.architecture == "jumprelu":
+        l0 = [float(v) for v in (cfg.l0_values or [1e-3, 3e-3, 1e-2, 3e-2])]
+        return {"l0_coefficient": l0, "bandwidth": [float(cfg.jumprelu_bandwidth)] * len(l0)}
     if cfg.l1_values is not None:
         return {"l1_coefficient": [float(v) for v in cfg.l1_values]}
     return {"l1_coefficient": [float(v) for v in np.logspace(cfg.l1_value_min, cfg.l1_value_max, cfg.l1_value_n)]}
@@ -65,22 +71,30 @@ def split_rows(store: ActivationStore, eval_tokens: int) -> tuple[tuple[int, int
     return (0, n - eval_rows), (n - eval_rows, n)
 
 
-def _data_mean(store: ActivationStore, hook: str, rows: tuple[int, int], max_rows: int = 65536) -> torch.Tensor:
+def _data_sample(store: ActivationStore, hook: str, rows: tuple[int, int], max_rows: int = 65536) -> torch.Tensor:
+    """The first (up to) max_rows unmasked training rows, float64 [n, d_in]."""
     start, stop = rows[0], min(rows[1], rows[0] + max_rows)
-    x = store.read_rows(hook, start, stop, torch.float64)[torch.from_numpy(store.read_mask(start, stop))]
-    return x.mean(0).float()
+    return store.read_rows(hook, start, stop, torch.float64)[torch.from_numpy(store.read_mask(start, stop))]
+
+
+def _data_mean(store: ActivationStore, hook: str, rows: tuple[int, int], max_rows: int = 65536) -> torch.Tensor:
+    return _data_sample(store, hook, rows, max_rows).mean(0).float()
 
 
 @torch.no_grad()
 def evaluate(ensemble: SAEEnsemble, store: ActivationStore, hook: str, rows: tuple[int, int], batch_size: int,
-             device: str) -> dict[str, torch.Tensor]:
-    """Exact streaming metrics of every member over the (masked) rows `rows`; see ReconstructionStats.compute."""
+             device: str, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """Exact streaming metrics of every member over the (masked) rows `rows`; see ReconstructionStats.compute.
+    The ensemble runs in eval mode (BatchTopK: its learned threshold) on scale * x; x_hat is unscaled."""
+    was_training = ensemble.training
+    ensemble.eval()
     stats = ReconstructionStats(ensemble.n_members, ensemble.d_in, ensemble.d_sae, device=device)
     loader = BatchLoader(store, hook, batch_size, rows, shuffle_chunks=1)
     for x in loader.epoch(0):
         x = x.to(device)
-        x_hat, f = ensemble(x)
-        stats.update(x, x_hat, f)
+        x_hat, f = ensemble(x * scale)
+        stats.update(x, x_hat / scale, f)
+    ensemble.train(was_training)
     return stats.compute()
 
 
@@ -150,6 +164,8 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict | None:
     written in those cases.
     """
     cfg.validate()
+    if cfg.ensembles:
+        return run_ensembles(cfg, log)
     dist = Dist.current()
     out = Path(cfg.output_dir)
     if (out / INDEX_FILE).exists():
@@ -175,9 +191,19 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict | None:
     device = cfg.device
 
     ensemble = SAEEnsemble(cfg.architecture, d_in, d_sae, {h: [v[i] for i in local] for h, v in hyper.items()},
-                           seeds=[cfg.seed + i for i in local], tied=cfg.tied).to(device)
+                           seeds=[cfg.seed + i for i in local], tied=cfg.tied,
+                           options={"matryoshka_widths": cfg.matryoshka_widths} if cfg.matryoshka_widths else None
+                           ).to(device)
+    if cfg.architecture == "jumprelu":
+        with torch.no_grad():
+            ensemble.log_threshold.fill_(float(np.log(cfg.jumprelu_init_threshold)))
+    scale = 1.0
+    if cfg.normalize_activations == "expected_average_only_in":
+        scale = normalization_factor(_data_sample(store, hook, train_rows))
+        log(f"normalize_activations: inputs x {scale:.4g} (mean norm sqrt(d_in)), folded into the saved weights")
     if cfg.b_dec_init == "mean":
-        ensemble.set_b_dec(_data_mean(store, hook, train_rows))
+        ensemble.set_b_dec(_data_mean(store, hook, train_rows) * scale)
+    coefficient = next((h for h in ("l1_coefficient", "l0_coefficient") if h in ensemble.hyperparams), None)
     optimizer = torch.optim.Adam(ensemble.parameters(), lr=cfg.adam_lr)
     data_parallel = cfg.parallel == "data" and dist.active
     fused = cfg.kernel == "fused" or (cfg.kernel == "auto" and cfg.architecture in FUSED_ARCHITECTURES
@@ -231,6 +257,13 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict | None:
                 continue
             rows = split_evenly(len(x), dist.world_size, dist.rank) if data_parallel else range(len(x))
             x_local = x[rows.start : rows.stop].to(device, non_blocking=True)
+            if scale != 1.0:
+                x_local = x_local * scale
+            for group_ in optimizer.param_groups:
+                group_["lr"] = cfg.adam_lr * lr_multiplier(steps, cfg.lr_warmup_steps)
+            if coefficient and cfg.l1_warmup_steps:
+                base = torch.tensor(ensemble.hyperparams[coefficient], dtype=torch.float64)
+                getattr(ensemble, coefficient).copy_(base * coefficient_multiplier(steps, cfg.l1_warmup_steps))
             if fused:
                 stats = train_batch_fused(ensemble, optimizer, x_local, len(x), group, fused_fn,
                                           dist if data_parallel else None)
@@ -246,7 +279,7 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict | None:
             if cfg.save_after_every and epoch_tokens >= next_snapshot:
                 chunk = epoch_tokens // store.spec.chunk_size
                 _save(ensemble, local, cfg, store, hook, out / "snapshots" / f"epoch_{epoch}_chunk_{chunk}", dist,
-                      by_members, None, {})
+                      by_members, None, {}, scale)
                 next_snapshot += store.spec.chunk_size
             if cfg.checkpoint_every and steps % cfg.checkpoint_every == 0:
                 checkpointer.save({"ensemble": ensemble.state_dict(), "optimizer": optimizer.state_dict(),
@@ -255,7 +288,8 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict | None:
                                   steps)
         skip = 0
         if epoch < cfg.n_repetitions - 1:
-            _save(ensemble, local, cfg, store, hook, out / "snapshots" / f"epoch_{epoch}", dist, by_members, None, {})
+            _save(ensemble, local, cfg, store, hook, out / "snapshots" / f"epoch_{epoch}", dist, by_members, None, {},
+                  scale)
     bar.close()
     if train_log:
         train_log.close()
@@ -268,8 +302,8 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict | None:
         "SAE-tokens/s)")
     metrics = None
     if eval_rows and (by_members or dist.is_main):
-        metrics = evaluate(ensemble, store, hook, eval_rows, cfg.batch_size, device)
-    index = _save(ensemble, local, cfg, store, hook, out, dist, by_members, metrics, training)
+        metrics = evaluate(ensemble, store, hook, eval_rows, cfg.batch_size, device, scale)
+    index = _save(ensemble, local, cfg, store, hook, out, dist, by_members, metrics, training, scale)
     checkpointer.remove()
     if index is None:
         return None
@@ -279,6 +313,14 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict | None:
         (out / "metrics.md").write_text(f"Held-out evaluation on {n_eval} rows of {store.path}\n\n{table}\n")
         log(table)
     log(f"saved {n_members} SAEs to {out}")
+    if cfg.report and metrics is not None:
+        from saetool.config import build
+        from saetool.report import ReportConfig, run_report
+
+        no_model = cfg.report_contexts == 0 or store.spec.model == "synthetic" or cfg.array is not None
+        run_report(build(ReportConfig, {"output_dir": str(out), "device": str(cfg.device), "variants_per_forward": 4,
+                                        "eval_contexts": cfg.report_contexts or None,
+                                        "model": "none" if no_model else None}), log=log)
     return index
 
 
@@ -342,24 +384,26 @@ def _member_metrics(metrics: dict | None, i: int) -> dict:
 
 
 def _save(ensemble: SAEEnsemble, local: range, cfg: SweepConfig, store: ActivationStore, hook: str, out: Path,
-          dist: Dist, by_members: bool, metrics: dict | None, training: dict) -> dict | None:
+          dist: Dist, by_members: bool, metrics: dict | None, training: dict, scale: float = 1.0) -> dict | None:
     """Write a sweep folder from rank 0: with member-parallel ranks, every rank's members are gathered first
-    (every rank must call this); with data-parallel ranks, rank 0 holds all members and writes alone."""
+    (every rank must call this); with data-parallel ranks, rank 0 holds all members and writes alone.
+    An input scale (normalize_activations) is folded into the saved weights (saetool.recipes.fold_normalization)."""
     spec = store.spec
     payload = []
     if by_members or dist.is_main:
         for j, i in enumerate(local):
+            arch_cfg = ensemble.member_cfg(j)
             member_cfg = {
-                "architecture": ensemble.architecture, "d_in": ensemble.d_in, "d_sae": ensemble.d_sae,
-                "dtype": "float32", "device": str(cfg.device), "apply_b_dec_to_input": True,
-                "normalize_activations": "none", "hook_name": hook, **ensemble.member_hyperparams(j),
-                "tied": ensemble.tied,
-                "metadata": {"model_name": spec.model, "hook_name": hook, "context_size": spec.context_size,
+                **arch_cfg, "dtype": "float32", "device": str(cfg.device), "apply_b_dec_to_input": True,
+                "normalize_activations": "none", "hook_name": hook, "tied": ensemble.tied,
+                "metadata": {**arch_cfg["metadata"], "normalization_factor_folded": scale, "model_name": spec.model, "hook_name": hook, "context_size": spec.context_size,
                              "prepend_bos": spec.extra.get("prepend_bos", True), "dataset_path": str(store.path),
                              "dataset": spec.dataset, "seed": ensemble.seeds[j],
                              "saetool_version": saetool.__version__},
             }
             weights = {k: v.cpu() for k, v in ensemble.member_weights(j).items()}
+            if scale != 1.0:
+                weights = fold_normalization(weights, scale)
             payload.append((i, weights, member_cfg, _member_metrics(metrics, j)))
     if by_members:
         payload = [m for part in dist.all_gather_objects(payload) for m in part]
@@ -371,3 +415,79 @@ def _save(ensemble: SAEEnsemble, local: range, cfg: SweepConfig, store: Activati
              "sweep_param": ensemble.arch.SWEEP_PARAM, "training": training}
     write_sweep(out, members, index)
     return json.loads((out / INDEX_FILE).read_text())
+
+
+def load_sweep_config(path: str | os.PathLike) -> dict:
+    """The flags of a sweep YAML (configs/sweeps/*.yaml): a mapping of SweepConfig fields, with an optional
+    `ensembles` list of per-ensemble flag mappings. ValueError (one line) if it is not such a mapping."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--config {path}: no such file")
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a mapping of flags")
+    return {**data, "config": str(path)}
+
+
+def ensemble_name(flags: dict, i: int) -> str:
+    """The sub-folder of one ensemble of a multi-ensemble run: its `name` flag, else "<i>_<architecture>"."""
+    return str(flags.get("name") or f"{i}_{flags.get('architecture', 'standard')}")
+
+
+def run_ensembles(cfg: SweepConfig, log=print) -> dict | None:
+    """Train every entry of cfg.ensembles (each a dict of flags overriding cfg's) as its own ensemble, one after the
+    other, into OUTPUT_DIR/<name>/, then write OUTPUT_DIR/sweep.json indexing every member (paths relative to
+    OUTPUT_DIR, each with its architecture, hyperparameters, metrics and ensemble name) and a combined metrics.md.
+    Finished ensembles are skipped with --resume."""
+    from saetool.config import build
+
+    out = Path(cfg.output_dir)
+    if (out / INDEX_FILE).exists():
+        raise ValueError(f"{out} already holds a finished sweep; choose another --output_dir or delete it")
+    base = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("ensembles", "config")}
+    runs = []
+    for i, entry in enumerate(cfg.ensembles):
+        name = ensemble_name(entry, i)
+        flags = {**base, **{k: v for k, v in entry.items() if k != "name"}, "output_dir": str(out / name)}
+        sub = build(SweepConfig, flags)
+        if cfg.resume and (Path(sub.output_dir) / INDEX_FILE).exists():
+            log(f"ensemble {name}: already finished, skipped")
+            index = json.loads((Path(sub.output_dir) / INDEX_FILE).read_text())
+        else:
+            log(f"ensemble {name}: {sub.architecture}")
+            index = run_sweep(sub, log)
+        runs.append((name, sub, index))
+    if any(index is None for _, _, index in runs):
+        return None
+    members = [{**m, "path": f"{name}/{m['path']}", "ensemble": name} for name, _, index in runs
+               for m in index["members"]]
+    index = {"saetool_version": saetool.__version__, "config": dataclasses.asdict(cfg),
+             "ensembles": {name: {"config": dataclasses.asdict(sub), "training": index.get("training", {}),
+                                  "sweep_param": index["sweep_param"]} for name, sub, index in runs},
+             "store": runs[0][2]["store"], "sweep_param": "architecture", "members": members}
+    out.mkdir(parents=True, exist_ok=True)
+    from saetool.io import write_json
+
+    write_json(out / INDEX_FILE, index)
+    if all(m["metrics"] for m in members):
+        table = frontier_table(members)
+        (out / "metrics.md").write_text(f"Held-out evaluation on {members[0]['metrics']['n_tokens']} rows of "
+                                        f"{index['store']['path']}\n\n{table}\n")
+        log(table)
+    return index
+
+
+def frontier_table(members: list[dict]) -> str:
+    """Markdown table of members of several architectures, sorted by architecture then L0."""
+    lines = ["| architecture | hyperparameter | MSE | FVU | explained var. | L0 | dead latents |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for m in sorted(members, key=lambda m: (m["architecture"], -m["metrics"]["l0"])):
+        param = get_architecture(m["architecture"]).SWEEP_PARAM
+        v = m[param]
+        v = f"{v:.3g}" if isinstance(v, float) else str(v)
+        r = m["metrics"]
+        lines.append(f"| {m['architecture']} | {param} {v} | {r['mse']:.4g} | {r['fvu']:.4f} | "
+                     f"{r['explained_variance']:.4f} | {r['l0']:.1f} | {100 * r['dead_fraction']:.1f}% |")
+    return "\n".join(lines)

@@ -47,3 +47,11 @@ def test_cli_errors_are_one_line_with_status_2(tmp_path):
     assert r.returncode == 2 and r.stderr.startswith("saetool: error: unknown flag --bogus")
     r = run_cli("sweep", "--ratio", "-1")
     assert r.returncode == 2 and r.stderr.strip() == "saetool: error: --ratio must be > 0"
+
+
+def test_help_lists_every_flag_and_exits_0():
+    r = run_cli("generate", "--help")
+    assert r.returncode == 0
+    assert all(f"--{name} " in r.stdout for name in GenerateConfig.__dataclass_fields__)
+    r = run_cli("sweep", "--help")
+    assert r.returncode == 0 and "--ratio (4.0): Dictionary size over input size" in r.stdout

@@ -111,5 +111,5 @@ def test_bad_hyperparameters_are_refused():
         SAEEnsemble("standard", 4, 8, {"l1_coefficient": [1e-3]}, seeds=[0, 1])
     with pytest.raises(ValueError, match=r"k must be in \[1, d_sae=8\]"):
         SAEEnsemble("topk", 4, 8, {"k": [9]}, seeds=[0])
-    with pytest.raises(ValueError, match="unknown architecture 'gated'"):
-        SAEEnsemble("gated", 4, 8, {}, seeds=[0])
+    with pytest.raises(ValueError, match="unknown architecture 'ghost'"):
+        SAEEnsemble("ghost", 4, 8, {}, seeds=[0])

@@ -1,18 +1,32 @@
-"""SAE architectures: one module each, registered by their SAELens architecture name.
+"""SAE architectures: one module each, registered by name.
 
-Every architecture gives, for a stack of members (leading axis n_members) or a single SAE (no member axis):
-`activation(pre, hp)` (pre-activations [..., d_sae] -> latents f), `sparsity_loss(f, hp)` (per member and token) and
-`SWEEP_PARAM`, the hyperparameter a sweep varies. `hp` maps hyperparameter names to tensors broadcastable
-against the member axis ([n_members] for a stack, 0-d for a single SAE).
+Every architecture gives `SWEEP_PARAM` (the hyperparameter a sweep varies) and `HYPERPARAMS` (per member;
+`hp` maps them to tensors broadcastable against the member axis: [n_members] for a stack, 0-d for one SAE).
+
+standard and topk (the fused-kernel architectures) give `activation(pre, hp)` and `sparsity_loss(f, hp)` for
+the affine encoder pre = (x - b_dec) W_enc + b_enc. The others give the generic interface (the weights `w` in
+either layout of saetool.saes._common, named as saved):
+
+    WEIGHTS                      {saved tensor name: shape in ("d_in", "d_sae")}  (SAELens layout)
+    INFERENCE_ARCHITECTURE       the cfg.json "architecture" it is saved as ("jumprelu" for batchtopk)
+    HYPERPARAM_DEFAULTS          values for hyperparameters a sweep may omit (JumpReLU's bandwidth)
+    init_extra(n, d_in, d_sae, dtype) -> (params, buffers)   extra tensors with a leading member axis
+    inference_weights(t) -> w    training tensors (member axis first) -> the saved ones (e.g. exp(log_threshold))
+    encode(w, x, hp, training) -> (f, pre)                    latents and the pre-activations the loss needs
+    loss_terms(w, x, x_hat, f, pre, hp) -> {name: [n, batch]} per-token terms ("mse", "sparsity", "aux", ...)
+    update_buffers(buffers, f, hp)                            optional: non-gradient state after a training forward
+    default_options(d_sae), check_options(options, d_sae)     optional: settings shared by the whole ensemble
 """
 
 from __future__ import annotations
 
 from types import ModuleType
 
-from saetool.saes import standard, topk
+from saetool.saes import batchtopk, gated, jumprelu, matryoshka_batchtopk, standard, topk
 
-ARCHITECTURES: dict[str, ModuleType] = {standard.NAME: standard, topk.NAME: topk}
+ARCHITECTURES: dict[str, ModuleType] = {m.NAME: m for m in (standard, topk, batchtopk, jumprelu, gated,
+                                                             matryoshka_batchtopk)}
+AFFINE_WEIGHTS = {"W_enc": ("d_in", "d_sae"), "W_dec": ("d_sae", "d_in"), "b_enc": ("d_sae",), "b_dec": ("d_in",)}
 
 
 def get_architecture(name: str) -> ModuleType:
@@ -21,3 +35,26 @@ def get_architecture(name: str) -> ModuleType:
         return ARCHITECTURES[name]
     except KeyError:
         raise ValueError(f"unknown architecture {name!r}; choose one of {', '.join(ARCHITECTURES)}") from None
+
+
+def is_generic(arch: ModuleType) -> bool:
+    """True for architectures with the generic interface (encode/loss_terms), False for standard/topk."""
+    return hasattr(arch, "encode")
+
+
+def weight_shapes(arch: ModuleType, d_in: int, d_sae: int) -> dict[str, tuple[int, ...]]:
+    """{saved tensor name: shape} of one SAE of this architecture."""
+    sizes = {"d_in": d_in, "d_sae": d_sae}
+    return {k: tuple(sizes[s] for s in spec) for k, spec in getattr(arch, "WEIGHTS", AFFINE_WEIGHTS).items()}
+
+
+def options_of(arch: ModuleType, d_sae: int, given: dict | None = None) -> dict:
+    """The architecture's ensemble-wide options: defaults overridden by `given` (unknown keys refused), checked."""
+    defaults = arch.default_options(d_sae) if hasattr(arch, "default_options") else {}
+    unknown = sorted(set(given or {}) - set(defaults))
+    if unknown:
+        raise ValueError(f"architecture {arch.NAME!r} has no option {unknown[0]!r}")
+    options = {**defaults, **(given or {})}
+    if hasattr(arch, "check_options"):
+        arch.check_options(options, d_sae)
+    return options

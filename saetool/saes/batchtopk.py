@@ -1,0 +1,71 @@
+"""The BatchTopK SAE (Bussmann, Leask & Nanda 2024, "BatchTopK Sparse Autoencoders", arXiv:2412.06410).
+
+Training (a batch X [B, d_in]):
+    pre   = (X - b_dec) W_enc + b_enc                              [B, d_sae]
+    f     = BatchTopK_{k B}(ReLU(pre))      keep the k*B largest activations of the WHOLE batch, zero the rest
+    x_hat = f W_dec + b_dec
+    loss  = mean_{b,j} (x_hat - x)^2                               (L0 = k on average over the batch)
+
+Inference (one token at a time; the paper's section 3): a global threshold theta replaces the batch top-k,
+    f = pre * 1[pre > theta]                                       i.e. a JumpReLU with theta for every latent,
+where theta is a running estimate of the smallest kept activation: after each training step,
+    theta <- min_{kept} f       on the first step,   theta <- 0.999 theta + 0.001 min_{kept} f   afterwards
+(the dictionary_learning recipe; theta is a buffer [n_members], -1 = not yet set). The SAE is saved for
+inference as architecture "jumprelu" (W_enc, W_dec, b_enc, b_dec, threshold = theta repeated [d_sae]), as
+SAELens does. Per-member hyperparameter: `k`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from saetool.saes._common import affine_pre, batch_topk, decode, jump, mse_per_token
+
+NAME = "batchtopk"
+SWEEP_PARAM = "k"
+HYPERPARAMS = ("k",)
+HYPERPARAM_DEFAULTS: dict = {}
+INFERENCE_ARCHITECTURE = "jumprelu"
+WEIGHTS = {"W_enc": ("d_in", "d_sae"), "W_dec": ("d_sae", "d_in"), "b_enc": ("d_sae",), "b_dec": ("d_in",),
+           "threshold": ("d_sae",)}
+THRESHOLD_DECAY = 0.999
+
+
+def init_extra(n_members: int, d_in: int, d_sae: int, dtype: torch.dtype
+               ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """No extra parameters; the buffer threshold [n_members] = -1 (unset)."""
+    return {}, {"threshold": torch.full((n_members,), -1.0, dtype=dtype)}
+
+
+def inference_weights(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Saved layout: the four affine tensors and threshold [N, d_sae] (theta of each member, repeated)."""
+    d_sae = t["b_enc"].shape[-1]
+    return {"W_enc": t["W_enc"], "W_dec": t["W_dec"], "b_enc": t["b_enc"], "b_dec": t["b_dec"],
+            "threshold": t["threshold"].unsqueeze(-1).expand(-1, d_sae)}
+
+
+def encode(w: dict[str, torch.Tensor], x: torch.Tensor, hp: dict[str, torch.Tensor], training: bool = False
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(f, pre): batch top-k in training ([N, batch, d_sae] with k [N]); the threshold JumpReLU otherwise."""
+    pre = affine_pre(w, x)
+    if training:
+        return batch_topk(torch.relu(pre), hp["k"]), pre
+    return jump(pre, w["threshold"]), pre
+
+
+def loss_terms(w: dict[str, torch.Tensor], x: torch.Tensor, x_hat: torch.Tensor, f: torch.Tensor, pre: torch.Tensor,
+               hp: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-token terms [N, batch]: mse only (sparsity is fixed by k)."""
+    return {"mse": mse_per_token(x_hat, x)}
+
+
+@torch.no_grad()
+def update_buffers(buffers: dict[str, torch.Tensor], f: torch.Tensor, hp: dict[str, torch.Tensor]) -> None:
+    """Update theta [N] in place from a training batch's latents f [N, batch, d_sae] (see the module docstring)."""
+    theta = buffers["threshold"]
+    kept = torch.where(f > 0, f, torch.full_like(f, float("inf"))).flatten(1).amin(-1).to(theta.dtype)
+    kept = torch.where(torch.isinf(kept), theta.clamp_min(0), kept)       # nothing kept: leave theta
+    theta.copy_(torch.where(theta < 0, kept, THRESHOLD_DECAY * theta + (1 - THRESHOLD_DECAY) * kept))
+
+
+__all__ = ["decode", "encode", "loss_terms", "init_extra", "inference_weights", "update_buffers"]

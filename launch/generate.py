@@ -1,12 +1,17 @@
 """`accelerate launch launch/generate.py --flag value ...`: activation generation, one store, several processes.
 
-Each process owns the store chunks c with c % num_processes == rank (saetool.generate). Flags as `saetool generate`.
+Flags as `saetool generate`. Rank 0 converts the embedded model (once) and tokenises first, the other ranks reuse
+its caches; the uncommitted store chunks are split into one contiguous share per process (saetool.generate).
+Without --device (or with --device cuda) each process uses Accelerate's device: cuda:<local rank>, or cpu.
+On CPU use `accelerate launch --config_file configs/accelerate/cpu_2proc.yaml launch/generate.py --device cpu`
+(`accelerate launch --cpu --num_processes 2` silently starts ONE process).
 """
 
 from accelerate import Accelerator
 
 from saetool.cli import run_cli
 from saetool.config import GenerateConfig, build
+from saetool.distributed import Dist
 
 
 def main(**flags):
@@ -14,10 +19,9 @@ def main(**flags):
 
     cfg = build(GenerateConfig, flags)
     acc = Accelerator(cpu=cfg.device == "cpu")
-    if "device" not in flags:
+    if "device" not in flags or cfg.device == "cuda":  # one GPU per process: cuda:<local rank>
         cfg.device = str(acc.device)
-    run_generate(cfg, rank=acc.process_index, world_size=acc.num_processes, barrier=acc.wait_for_everyone,
-                 log=acc.print)
+    run_generate(cfg, dist=Dist(acc.process_index, acc.num_processes), log=acc.print)
 
 
 if __name__ == "__main__":

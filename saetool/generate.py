@@ -4,16 +4,28 @@ Order of work (so bad input fails early and nothing half-written looks valid):
 1. load the model and validate every hook name (before any text is read);
 2. load, tokenise and pack the text (saetool.data); fail if it cannot fill one context;
 3. create the store, or resume a partial one written with the same settings (saetool.store);
-4. for every uncommitted chunk owned by this process: run the model over its contexts (all hooks from one
-   forward, `stop_at_layer` = deepest hook + 1), cast (overflow-checked), write, commit;
-5. mark the store complete and print a summary (tokens, bytes per token, compression ratio, tokens/s).
+4. split the uncommitted chunks into one contiguous share per process (`split_evenly`, case D2) and, for each
+   chunk of this process's share: run the model over its contexts (all hooks from one forward, `stop_at_layer` =
+   deepest hook + 1), cast (overflow-checked, optionally bit-rounded), then compress, write and commit it in a
+   writer thread while the model computes the next chunk;
+5. wait for every process; rank 0 marks the store complete and prints a summary (tokens, bytes per token,
+   ratio to fp32, aggregated tokens/s).
 
-Chunk c is owned by rank c % world_size, so several processes write disjoint, chunk-aligned row blocks.
+Several processes (`accelerate launch launch/generate.py`, see `Dist`): the one-off conversion of the embedded
+model, loading and tokenising the text, and creating the store run on rank 0 first, then on the others, which
+reuse rank 0's caches (converted model, `datasets` text and tokenisation caches) and open the store it
+created. Packing is deterministic, so every rank holds the same contexts; the store's row order depends only on
+the text and --seed, never on the number of processes. Chunks (whole contexts, chunk-aligned rows) are the unit
+of work, so no two processes ever write the same Zarr chunk (case S2). The only collectives
+are barriers that every rank reaches, also a rank whose share is empty (cases D1/D2); rank 0's progress bar
+aggregates all ranks by reading the store's `commits` array, not by a collective.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
 import numpy as np
@@ -22,9 +34,12 @@ from tqdm.auto import tqdm
 
 from saetool.config import GenerateConfig
 from saetool.data import load_texts, pack_contexts, special_token_ids, tokenize_documents
+from saetool.distributed import Dist, split_evenly
 from saetool.hooks import hook_widths, record_activations, resolve_hook_names, validate_hook_names
-from saetool.models import load_model
+from saetool.models import EMBEDDED_MODEL, embedded_model_dir, load_model
 from saetool.store import ActivationStore, StoreSpec, to_store_array
+
+POLL_SECONDS = 1.0  # rank 0 re-reads the store's commits at most this often for the aggregated progress bar
 
 
 def bos_policy(cfg: GenerateConfig) -> str:
@@ -37,25 +52,66 @@ def bos_policy(cfg: GenerateConfig) -> str:
             + (" starting with BOS" if cfg.prepend_bos else "") + "; last context padded; BOS/padding rows masked")
 
 
-def run_generate(cfg: GenerateConfig, rank: int = 0, world_size: int = 1, barrier=None, log=print) -> ActivationStore:
+@contextlib.contextmanager
+def main_process_first(dist: Dist):
+    """Run the block on rank 0, then on all other ranks together (a barrier each side; no-op for one process).
+
+    Used so that one-off work with a disk cache (model conversion, `datasets` tokenisation, store creation) is
+    done once by rank 0 and reused by the others. If rank 0 raises inside the block, the launcher stops the
+    other ranks (they wait in the barrier)."""
+    if not dist.is_main:
+        dist.barrier()
+    yield
+    if dist.is_main:
+        dist.barrier()
+
+
+def format_chunks(chunks: list[int]) -> str:
+    """Chunk ids as ranges, e.g. [0, 1, 2, 5] -> "0-2,5"; [] -> "none"."""
+    if not chunks:
+        return "none"
+    parts, start = [], chunks[0]
+    for prev, cur in zip(chunks, chunks[1:] + [None]):
+        if cur is None or cur != prev + 1:  # a run of consecutive ids ends at prev
+            parts.append(str(start) if start == prev else f"{start}-{prev}")
+            start = cur
+    return ",".join(parts)
+
+
+def chunk_shares(todo: list[int], world_size: int) -> list[list[int]]:
+    """The chunks of `todo` (uncommitted chunk ids, ascending) owned by each rank: contiguous slices of sizes
+    differing by at most one (`split_evenly`); every chunk belongs to exactly one rank, some shares may be empty."""
+    return [[todo[i] for i in split_evenly(len(todo), world_size, r)] for r in range(world_size)]
+
+
+def run_generate(cfg: GenerateConfig, dist: Dist | None = None, log=print) -> ActivationStore:
     """Record the activations described by `cfg` into cfg.dataset_folder and return the store.
 
-    rank/world_size/barrier come from Accelerate when several processes share the work; chunks are
-    assigned round-robin. Raises ValueError/StoreError with a one-line reason on bad input.
+    dist: this process's rank and world size (default `Dist.current()`: the torch.distributed group that
+    Accelerate/torchrun created, else rank 0 of 1). Every rank must call run_generate with the same cfg
+    (except `device`). log: prints rank-level messages (pass Accelerator.print to print on rank 0 only); with
+    several processes each rank also prints one line "[rank r/N] chunks ..." naming its share.
+    Raises ValueError/StoreError with a one-line reason on bad input (unknown hook, empty text, a folder holding
+    another store or something else, fp16 overflow or NaN/inf in the activations).
     """
     cfg.validate()
+    dist = dist if dist is not None else Dist.current()
     hook_names = resolve_hook_names(cfg.locations, cfg.layers)
+    if cfg.model == EMBEDDED_MODEL:
+        with main_process_first(dist):  # the one-off GGUF conversion, then everyone loads the cached copy
+            embedded_model_dir()
     model = load_model(cfg.model, device=cfg.device, dtype=cfg.model_dtype)
     validate_hook_names(model, hook_names)
     widths = hook_widths(model, hook_names)
-
-    texts = load_texts(cfg.dataset, split=cfg.dataset_split, text_column=cfg.text_column)
     tokenizer = model.tokenizer
+    with main_process_first(dist):  # rank 0 fills the datasets caches (text, tokenisation); the others reuse them
+        texts = load_texts(cfg.dataset, split=cfg.dataset_split, text_column=cfg.text_column)
+        docs = tokenize_documents(texts, tokenizer)
     special = special_token_ids(tokenizer)
-    docs = tokenize_documents(texts, tokenizer)
     packed = pack_contexts(docs, cfg.context_size, bos_token_id=special["bos"], sep_token_id=special["sep"],
                            pad_token_id=special["pad"], prepend_bos=cfg.prepend_bos, concat=cfg.concat,
                            shuffle=True, seed=cfg.seed)
+    del docs
     per_chunk = cfg.chunk_size // cfg.context_size
     n_contexts = len(packed.tokens)
     if cfg.n_chunks is not None:
@@ -66,52 +122,132 @@ def run_generate(cfg: GenerateConfig, rank: int = 0, world_size: int = 1, barrie
     spec = StoreSpec(
         model=cfg.model, dataset=cfg.dataset, hook_names=hook_names, widths=widths,
         n_rows=n_contexts * cfg.context_size, context_size=cfg.context_size, chunk_size=cfg.chunk_size,
-        dtype=cfg.dtype, compression=cfg.compression, bos_policy=bos_policy(cfg), seed=cfg.seed,
+        dtype=cfg.dtype, compression=cfg.compression, bos_policy=bos_policy(cfg), seed=cfg.seed, keepbits=cfg.keepbits,
         extra={"dataset_split": cfg.dataset_split, "text_column": cfg.text_column, "prepend_bos": cfg.prepend_bos,
                "concat": cfg.concat, "model_dtype": cfg.model_dtype, "packing": packed.summary()},
     )
-    store = ActivationStore.create_or_resume(cfg.dataset_folder, spec)
-    if store.complete:
+    with main_process_first(dist):
+        store = ActivationStore.create_or_resume(cfg.dataset_folder, spec)
+    if store.complete:  # every rank sees the same: only rank 0 finalizes, after the final barrier
         log(f"{cfg.dataset_folder} is already complete ({spec.n_rows} rows); nothing to do")
         return store
     done = store.committed_chunks()
-    todo = [c for c in range(spec.n_chunks) if c % world_size == rank and not done[c]]
+    dist.barrier()  # every rank has read the same commits before anyone writes
+    todo = [c for c in range(spec.n_chunks) if not done[c]]
+    shares = chunk_shares(todo, dist.world_size)
+    mine = shares[dist.rank]
     if done.any():
         log(f"resuming {cfg.dataset_folder}: {int(done.sum())}/{spec.n_chunks} chunks already committed")
+    if dist.active:
+        print(f"[rank {dist.rank}/{dist.world_size}] chunks {format_chunks(mine)} ({len(mine)} of {len(todo)})",
+              flush=True)
+
     tokens_all = packed.tokens[:n_contexts]
     mask_all = packed.mask[:n_contexts].reshape(-1).numpy()
-    start = time.perf_counter()
-    n_done = 0
-    bar = tqdm(total=sum(len(range(*spec.chunk_rows(c))) for c in todo), unit="tok", unit_scale=True,
-               desc="generate", disable=rank != 0)
-    for c in todo:
+    rows_of = {c: spec.chunk_rows(c)[1] - spec.chunk_rows(c)[0] for c in todo}
+    rows_todo = sum(rows_of.values())
+    bar = tqdm(total=rows_todo, unit="tok", unit_scale=True, disable=not dist.is_main,
+               desc=f"generate ({dist.world_size} proc)" if dist.active else "generate")
+    progress = _Progress(bar, store, rows_of, dist.world_size) if dist.is_main else None
+
+    def write(c: int, parts: dict[str, list[np.ndarray]], ctx: torch.Tensor) -> int:
         row_start, row_stop = spec.chunk_rows(c)
-        ctx = tokens_all[row_start // cfg.context_size : row_stop // cfg.context_size]
-        parts: dict[str, list[np.ndarray]] = {h: [] for h in hook_names}
-        for i in range(0, len(ctx), cfg.batch_size):
-            batch = ctx[i : i + cfg.batch_size].to(cfg.device)
-            acts = record_activations(model, batch, hook_names)
-            for h in hook_names:
-                parts[h].append(to_store_array(acts[h], cfg.dtype, h))
-            bar.update(batch.numel())
-            n_done += batch.numel()
         store.write_chunk(c, {h: np.concatenate(p) for h, p in parts.items()}, ctx.numpy(),
                           mask_all[row_start:row_stop])
-    bar.close()
+        return c
+
+    def committed(future) -> None:
+        c = future.result()  # re-raises a failed write here, in the main thread
+        if progress:
+            progress.committed(c)
+
+    start = time.perf_counter()
+    # One writer thread compresses and writes chunk c while the model computes chunk c+1 (Blosc/zstd release the
+    # GIL); at most one chunk waits, so memory stays at two chunks. Chunk c is committed by its own write.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="saetool-writer") as writer:
+        pending = None
+        for c in mine:
+            row_start, row_stop = spec.chunk_rows(c)
+            ctx = tokens_all[row_start // cfg.context_size : row_stop // cfg.context_size]
+            parts: dict[str, list[np.ndarray]] = {h: [] for h in hook_names}
+            for i in range(0, len(ctx), cfg.batch_size):
+                batch = ctx[i : i + cfg.batch_size].to(cfg.device)
+                acts = record_activations(model, batch, hook_names)
+                for h in hook_names:
+                    parts[h].append(to_store_array(acts[h], cfg.dtype, h, cfg.keepbits))
+                if progress:
+                    progress.own(batch.numel())
+            if pending is not None:
+                committed(pending)
+            pending = writer.submit(write, c, parts, ctx)
+        if pending is not None:
+            committed(pending)
+    if progress:
+        progress.wait_for_all()  # rank 0 keeps the bar moving until the other ranks' chunks are committed
     seconds = time.perf_counter() - start
-    if barrier is not None:
-        barrier()
-    if rank == 0:
+    bar.close()
+    dist.barrier()
+    if dist.is_main:
         raw_fp32 = spec.n_rows * sum(widths.values()) * 4
         stored = store.nbytes_stored()
         summary = {
             "tokens": spec.n_rows, "tokens_masked_out": int((~mask_all).sum()), "hooks": widths,
             "bytes_per_token": round(stored / spec.n_rows, 2), "ratio_to_fp32": round(raw_fp32 / max(stored, 1), 3),
-            "seconds_this_run": round(seconds, 2), "tokens_per_s": round(n_done / max(seconds, 1e-9), 1),
+            "codec": cfg.compression, "keepbits": cfg.keepbits, "world_size": dist.world_size,
+            "chunks_per_rank": [len(s) for s in shares], "tokens_this_run": rows_todo,
+            "seconds_this_run": round(seconds, 2), "tokens_per_s": round(rows_todo / max(seconds, 1e-9), 1),
             "config": asdict(cfg),
         }
         if store.finalize(summary):
-            log(f"wrote {spec.n_rows} tokens x {len(hook_names)} hook(s) to {cfg.dataset_folder}: "
-                f"{summary['bytes_per_token']} bytes/token, {summary['ratio_to_fp32']}x smaller than fp32, "
-                f"{summary['tokens_per_s']:.0f} tokens/s; packing: {packed.summary()}")
+            log(f"wrote {spec.n_rows} tokens x {len(hook_names)} hook(s) to {cfg.dataset_folder} with "
+                f"{dist.world_size} process(es): {summary['bytes_per_token']} bytes/token ({cfg.compression}"
+                f"{'' if cfg.keepbits is None else f', keepbits {cfg.keepbits}'}), {summary['ratio_to_fp32']}x "
+                f"smaller than fp32, {summary['tokens_per_s']:.0f} tokens/s; packing: {packed.summary()}")
     return store
+
+
+class _Progress:
+    """Rank 0's progress bar over all ranks: rows committed in the store (read from `commits`, all ranks) plus
+    rank 0's computed but uncommitted rows times world_size (the others are assumed to advance alike)."""
+
+    def __init__(self, bar, store: ActivationStore, rows_of: dict[int, int], world_size: int):
+        self.bar, self.store, self.rows_of, self.world = bar, store, rows_of, world_size
+        self.pending = set(rows_of)  # chunks of this run not yet seen committed
+        self.done_rows, self.in_flight, self.last_poll = 0, 0, time.perf_counter()
+
+    def _show(self) -> None:
+        n = min(self.bar.total, self.done_rows + self.in_flight * self.world)
+        if n > self.bar.n:
+            self.bar.update(n - self.bar.n)
+
+    def _poll(self, force: bool = False) -> None:
+        if self.world == 1 or not (force or time.perf_counter() - self.last_poll >= POLL_SECONDS):
+            return
+        done = self.store.committed_chunks()
+        for c in [c for c in self.pending if done[c]]:
+            self.pending.discard(c)
+            self.done_rows += self.rows_of[c]
+        self.last_poll = time.perf_counter()
+
+    def own(self, rows: int) -> None:
+        """Rank 0 ran `rows` more rows of its current chunk."""
+        self.in_flight += rows
+        self._poll()
+        self._show()
+
+    def committed(self, chunk: int) -> None:
+        """Rank 0 committed `chunk`."""
+        self.in_flight -= self.rows_of[chunk]
+        if chunk in self.pending:
+            self.pending.discard(chunk)
+            self.done_rows += self.rows_of[chunk]
+        self._poll()
+        self._show()
+
+    def wait_for_all(self) -> None:
+        """Poll until every chunk of this run is committed (the barrier that follows then returns at once)."""
+        while self.pending and self.world > 1:
+            self._poll(force=True)
+            self._show()
+            if self.pending:
+                time.sleep(POLL_SECONDS / 4)

@@ -18,6 +18,13 @@ written, and attrs["saetool"]["complete"] becomes true only when every chunk is 
 Zarr chunk per store chunk, so writers of different chunks never touch the same object on disk. Because the
 arrays are created at their final shape and never resized, no stale bytes from an earlier, longer run can
 survive: an uncommitted chunk is simply rewritten whole on resume.
+
+`--keepbits k` rounds every stored value to k mantissa bits (round to nearest, ties to even: the arithmetic of
+numcodecs.BitRound) before compression; the arrays stay plain float16/float32/uint16 that any Zarr reader
+decodes, and `keepbits` is recorded in the spec and in each array's attrs.
+
+`ActivationStore.open(path, array=name)` instead reads one 2-D array of any Zarr group (written by another tool)
+through the same read interface (`ZarrArrayRows`).
 """
 
 from __future__ import annotations
@@ -25,9 +32,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numcodecs.blosc
 import numpy as np
 import torch
 import zarr
@@ -36,7 +45,20 @@ from zarr.codecs import BloscCodec, BloscShuffle, ZstdCodec
 SCHEMA_VERSION = 1
 STORE_DTYPES = ("float16", "bfloat16", "float32")
 COMPRESSIONS = ("blosc-zstd", "zstd", "none")
+MANTISSA_BITS = {"float16": 10, "bfloat16": 7, "float32": 23}
 FP16_MAX = 65504.0
+
+
+def _no_blosc_threads() -> None:
+    """Blosc's global thread pool does not survive fork(): compress single-threaded (per call context)."""
+    numcodecs.blosc.use_threads = False
+
+
+# zarr >= 3 already sets this at import; saetool does not rely on it, and repeats it in every forked child
+# (DataLoader / multiprocessing workers), where a thread pool inherited from the parent can hang.
+_no_blosc_threads()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_no_blosc_threads)
 
 
 class StoreError(ValueError):
@@ -62,6 +84,7 @@ class StoreSpec:
     bos_policy: str = ""
     seed: int = 0
     extra: dict = field(default_factory=dict)
+    keepbits: int | None = None
 
     @property
     def n_contexts(self) -> int:
@@ -94,12 +117,36 @@ def _zarr_dtype(dtype: str) -> str:
     return {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}[dtype]
 
 
-def to_store_array(acts: torch.Tensor, dtype: str, hook_name: str = "") -> np.ndarray:
+def bitround(values: np.ndarray, keepbits: int, mantissa_bits: int) -> np.ndarray:
+    """Round IEEE floats to `keepbits` mantissa bits, to nearest with ties to even (numcodecs.BitRound's rule).
+
+    values: a float16/float32 array, or uint16 holding bfloat16 bits (`mantissa_bits` says which: 10, 23, 7).
+    Returns a new array of the same dtype and shape whose low `mantissa_bits - keepbits` mantissa bits are zero;
+    `keepbits == mantissa_bits` returns an unchanged copy. Rounding up can carry into the exponent, so a value
+    near the dtype's maximum may become inf: callers check (see `to_store_array`).
+    Source: Kloewer et al. 2021 (doi:10.1038/s43588-021-00156-2), numcodecs.bitround.BitRound.encode.
+    Raises ValueError for keepbits outside 0..mantissa_bits or a dtype that is not 2 or 4 bytes wide.
+    """
+    if not 0 <= keepbits <= mantissa_bits:
+        raise ValueError(f"keepbits must be in 0..{mantissa_bits}, got {keepbits}")
+    uint = {2: np.uint16, 4: np.uint32}.get(values.dtype.itemsize)
+    if uint is None:
+        raise ValueError(f"bitround expects a 2- or 4-byte float array, got {values.dtype}")
+    b = np.ascontiguousarray(values).view(uint).copy()
+    drop = mantissa_bits - keepbits
+    if drop:
+        b += ((b >> drop) & 1) + uint((1 << (drop - 1)) - 1)
+        b &= ~uint((1 << drop) - 1)
+    return b.view(values.dtype)
+
+
+def to_store_array(acts: torch.Tensor, dtype: str, hook_name: str = "", keepbits: int | None = None) -> np.ndarray:
     """Cast activations `acts` [rows, d] (any float dtype) to the NumPy array written to the store.
 
     float16 is checked for overflow (|x| > 65504 becomes inf) and every dtype for NaN/inf, raising
     StoreError naming the hook: larger models have outliers beyond the fp16 range (use --dtype bfloat16).
-    bfloat16 returns the raw bits as uint16 (bit-exact; see the module docstring).
+    bfloat16 returns the raw bits as uint16 (bit-exact; see the module docstring). With `keepbits`, the cast
+    values are then bit-rounded (`bitround`); a value that rounds up to inf raises StoreError too.
     """
     if not torch.isfinite(acts).all():
         raise StoreError(f"activations at {hook_name} contain NaN or inf before storing")
@@ -109,12 +156,21 @@ def to_store_array(acts: torch.Tensor, dtype: str, hook_name: str = "") -> np.nd
                 f"activations at {hook_name} exceed the float16 range (|x| up to {acts.abs().max().item():.4g}"
                 " > 65504); rerun with --dtype bfloat16 or --dtype float32"
             )
-        return acts.to(torch.float16).cpu().numpy()
-    if dtype == "bfloat16":
-        return acts.to(torch.bfloat16).cpu().view(torch.uint16).numpy()
-    if dtype == "float32":
-        return acts.to(torch.float32).cpu().numpy()
-    raise StoreError(f"unknown store dtype {dtype!r}; choose one of {', '.join(STORE_DTYPES)}")
+        out = acts.to(torch.float16).cpu().numpy()
+    elif dtype == "bfloat16":
+        out = acts.to(torch.bfloat16).cpu().view(torch.uint16).numpy()
+    elif dtype == "float32":
+        out = acts.to(torch.float32).cpu().numpy()
+    else:
+        raise StoreError(f"unknown store dtype {dtype!r}; choose one of {', '.join(STORE_DTYPES)}")
+    if keepbits is None or keepbits == MANTISSA_BITS[dtype]:
+        return out
+    out = bitround(out, keepbits, MANTISSA_BITS[dtype])
+    bits = out.view(np.uint32 if dtype == "float32" else np.uint16)
+    exponent = {"float16": 0x7C00, "bfloat16": 0x7F80, "float32": 0x7F800000}[dtype]
+    if ((bits & exponent) == exponent).any():
+        raise StoreError(f"activations at {hook_name} overflow {dtype} after rounding to --keepbits {keepbits}")
+    return out
 
 
 def from_store_array(values: np.ndarray, logical_dtype: str) -> torch.Tensor:
@@ -141,12 +197,17 @@ class ActivationStore:
 
     # ---- opening -------------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | os.PathLike, require_complete: bool = True) -> "ActivationStore":
+    def open(cls, path: str | os.PathLike, require_complete: bool = True,
+             array: str | None = None) -> "ActivationStore | ZarrArrayRows":
         """Open an existing store for reading.
 
+        With `array`, return instead a `ZarrArrayRows` over the 2-D array `array` of the Zarr group at `path`
+        (any writer; same read interface, every row kept).
         Raises StoreError (one line) if `path` does not exist, is not a saetool store, has another schema
         version, or (with require_complete) was not finished; the message says how to resume.
         """
+        if array is not None:
+            return ZarrArrayRows(path, array)
         path = Path(path)
         if not path.exists():
             raise StoreError(f"no activation store at {path}: run `saetool generate --dataset_folder {path}` first")
@@ -185,7 +246,8 @@ class ActivationStore:
             except Exception:  # noqa: BLE001
                 meta = None
             if not isinstance(meta, dict):
-                raise StoreError(f"{path} exists and is not a saetool activation store; choose another --dataset_folder")
+                raise StoreError(
+                    f"{path} exists and is not a saetool activation store; choose another --dataset_folder")
             old = {k: meta.get(k) for k in spec.to_json()}
             if old != spec.to_json():
                 diff = [k for k, v in spec.to_json().items() if old.get(k) != v]
@@ -193,8 +255,16 @@ class ActivationStore:
                     f"{path} holds a store made with different settings ({', '.join(diff)}); "
                     "use another --dataset_folder or delete it"
                 )
+            for leftover in path.rglob("*.partial"):  # zarr's temporary files of writes killed mid-way
+                leftover.unlink(missing_ok=True)
             return cls(path, group)
-        group = zarr.open_group(str(path), mode="w")
+        # Built in a temporary sibling and renamed into place, so a run killed while creating the arrays leaves
+        # no folder that looks like a store (the rename replaces an empty `path` folder too).
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{path.name}.creating-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = path.parent / f".{path.name}.creating-{os.getpid()}"
+        group = zarr.open_group(str(tmp), mode="w")
         compressors = _compressors(spec.compression)
         rows_per_chunk = spec.chunk_size
         group.create_array(
@@ -205,18 +275,18 @@ class ActivationStore:
         group.create_array("mask", shape=(spec.n_rows,), dtype="bool", chunks=(rows_per_chunk,),
                            compressors=compressors, fill_value=False, dimension_names=["row"])
         for name in spec.hook_names:
-            arr = group.create_array(
+            group.create_array(
                 name, shape=(spec.n_rows, spec.widths[name]), dtype=_zarr_dtype(spec.dtype),
                 chunks=(rows_per_chunk, spec.widths[name]), compressors=compressors, fill_value=0,
                 dimension_names=["row", f"{name}.dim"],
+                attributes={"saetool_dtype": spec.dtype, "hook_name": name, "keepbits": spec.keepbits},
             )
-            arr.attrs["saetool_dtype"] = spec.dtype
-            arr.attrs["hook_name"] = name
         group.create_array("commits", shape=(spec.n_chunks,), dtype="uint8", chunks=(1,), fill_value=0,
                            dimension_names=["chunk"])
         meta = {"schema_version": SCHEMA_VERSION, **spec.to_json(), "complete": False}
         group.attrs["saetool"] = meta
-        return cls(path, group)
+        os.replace(tmp, path)
+        return cls(path, zarr.open_group(str(path), mode="r+"))
 
     # ---- writing -------------------------------------------------------------------------------
     def committed_chunks(self) -> np.ndarray:
@@ -278,12 +348,78 @@ class ActivationStore:
         return from_store_array(self.group[hook_name][start:stop], self.spec.dtype).to(dtype)
 
     def read_mask(self, start: int, stop: int) -> np.ndarray:
+        """bool [stop-start]: False at BOS / separator / padding rows (never trained on)."""
         return np.asarray(self.group["mask"][start:stop]).astype(bool)
 
     def nbytes_stored(self) -> int:
-        """Bytes on disk of the activation arrays (not tokens/mask)."""
+        """Bytes on disk of the activation arrays (not tokens/mask), chunk files and metadata."""
         total = 0
         for name in self.spec.hook_names:
             for root, _, files in os.walk(self.path / name):
-                total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+                total += sum(os.path.getsize(os.path.join(root, f)) for f in files if not f.endswith(".partial"))
         return total
+
+
+class ZarrArrayRows:
+    """Rows of one 2-D array in any Zarr group (e.g. written by another tool), read like an `ActivationStore`.
+
+    The array is [n_rows, d] float16, float32, or bfloat16 stored as uint16 bits with attrs `saetool_dtype` or
+    `dtype` = "bfloat16". It exposes what the sweep reads: `path`, `spec` (a StoreSpec with n_rows, chunk_size
+    = the array's row chunking, hook_names = [array], widths, dtype; context_size 1 as contexts are unknown),
+    `complete` (True), `resolve_hook`, `width`, `read_rows`, and `read_mask` (every row True: no mask).
+    Raises StoreError (one line) for a missing path, a folder that is not a Zarr group, a missing array (the
+    message lists the arrays there), an array that is not 2-D, or an unsupported dtype.
+    """
+
+    complete = True
+
+    def __init__(self, path: str | os.PathLike, name: str):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise StoreError(f"no Zarr store at {self.path}")
+        try:
+            group = zarr.open_group(str(self.path), mode="r")
+        except Exception as e:  # noqa: BLE001 - zarr raises several types for foreign folders
+            raise StoreError(f"{self.path} is not a Zarr group ({type(e).__name__})") from None
+        try:
+            arr = group[name]
+        except KeyError:
+            arrays = sorted(n for n, _ in group.arrays())
+            held = ", ".join(arrays) or "no arrays"
+            raise StoreError(f"{self.path} has no array {name!r}; it holds {held}") from None
+        if not isinstance(arr, zarr.Array) or arr.ndim != 2:
+            got = getattr(arr, "shape", "a group")
+            raise StoreError(f"{self.path}/{name} must be a 2-D array [rows, d], got {got}")
+        declared = arr.attrs.get("saetool_dtype", arr.attrs.get("dtype"))
+        if arr.dtype in (np.float16, np.float32):
+            logical = str(arr.dtype)
+        elif arr.dtype == np.uint16 and declared == "bfloat16":
+            logical = "bfloat16"
+        else:
+            raise StoreError(f"{self.path}/{name} has dtype {arr.dtype}; expected float16, float32, or uint16 bits "
+                             "with attrs dtype='bfloat16'")
+        self.array, self.meta = arr, {}
+        n, d = arr.shape
+        self.spec = StoreSpec(model=str(arr.attrs.get("model", "")), dataset=str(self.path), hook_names=[name],
+                              widths={name: int(d)}, n_rows=int(n), context_size=1, chunk_size=int(arr.chunks[0]),
+                              dtype=logical, compression="foreign", extra={"array": name})
+
+    def resolve_hook(self, hook_name: str | None) -> str:
+        """The array's name; StoreError if `hook_name` names anything else."""
+        name = self.spec.hook_names[0]
+        if hook_name not in (None, name):
+            raise StoreError(f"{self.path} is read as the single array {name!r}; --hook_name {hook_name!r} is not it")
+        return name
+
+    def width(self, hook_name: str | None = None) -> int:
+        """d, the array's second dimension."""
+        return self.spec.widths[self.resolve_hook(hook_name)]
+
+    def read_rows(self, hook_name: str, start: int, stop: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rows [start, stop) as a tensor [stop-start, d] of `dtype`."""
+        self.resolve_hook(hook_name)
+        return from_store_array(self.array[start:stop], self.spec.dtype).to(dtype)
+
+    def read_mask(self, start: int, stop: int) -> np.ndarray:
+        """bool [stop-start], all True: a foreign array has no mask."""
+        return np.ones(max(0, min(stop, self.spec.n_rows) - start), dtype=bool)

@@ -109,3 +109,28 @@ def test_empty_dataset_is_refused_before_the_store_exists(tiny_model_dir, tmp_pa
     with pytest.raises(ValueError, match="0 tokens < one context of 16"):
         gen.run_generate(config(tiny_model_dir, tmp_path / "t", tmp_path / "s.zarr"), log=quiet)
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_keepbits_store_is_the_bitrounded_lossless_store(tiny_model_dir, text_dir, tmp_path):
+    from saetool.store import bitround
+
+    kw = dict(locations=["residual"], layers=[1], n_chunks=3)
+    lossless = gen.run_generate(config(tiny_model_dir, text_dir, tmp_path / "a.zarr", **kw), log=quiet)
+    messages = []
+    lossy = gen.run_generate(config(tiny_model_dir, text_dir, tmp_path / "b.zarr", keepbits=4, **kw),
+                             log=messages.append)
+    h = "blocks.1.hook_resid_post"
+    assert np.array_equal(lossy.group[h][:], bitround(lossless.group[h][:], 4, 10))
+    summary = lossy.meta["summary"]
+    stored = sum(f.stat().st_size for f in (tmp_path / "b.zarr" / h).rglob("*") if f.is_file())
+    assert summary["bytes_per_token"] == round(stored / 192, 2) and summary["keepbits"] == 4
+    assert summary["ratio_to_fp32"] == round(192 * 32 * 4 / stored, 3)
+    assert summary["bytes_per_token"] < lossless.meta["summary"]["bytes_per_token"]
+    assert summary["world_size"] == 1 and summary["chunks_per_rank"] == [3]
+    assert any(f"{summary['bytes_per_token']} bytes/token (blosc-zstd, keepbits 4)" in m
+               and f"{summary['ratio_to_fp32']}x smaller than fp32" in m for m in messages)
+    with pytest.raises(StoreError, match=r"different settings \(keepbits\)"):
+        gen.run_generate(config(tiny_model_dir, text_dir, tmp_path / "b.zarr", keepbits=5, **kw), log=quiet)
+    with pytest.raises(ValueError, match="--keepbits must be in 0..7 for --dtype bfloat16"):
+        gen.run_generate(config(tiny_model_dir, text_dir, tmp_path / "c.zarr", keepbits=8, dtype="bfloat16", **kw),
+                         log=quiet)

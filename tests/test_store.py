@@ -10,7 +10,7 @@ import pytest
 import torch
 import zarr
 
-from saetool.store import ActivationStore, StoreError, StoreSpec, to_store_array
+from saetool.store import ActivationStore, StoreError, StoreSpec, bitround, to_store_array
 from tests.synthetic import write_store
 
 HOOK = "blocks.0.hook_resid_post"
@@ -123,3 +123,177 @@ def test_store_is_readable_with_plain_zarr_and_xarray(tmp_path):
     assert g["tokens"].shape == (8, 8) and g["commits"][:].tolist() == [1, 1]
     ds = xr.open_zarr(str(tmp_path / "s.zarr"), consolidated=False)
     assert np.array_equal(ds[HOOK].values, x)
+
+
+# ---- keepbits (lossy bit rounding) ---------------------------------------------------------------------------
+
+
+def test_bitround_hand_computed_float16_values():
+    # fp16 1 + m/1024: keeping 8 of 10 mantissa bits rounds m to a multiple of 4, to nearest, ties to even
+    x = np.array([1 + 3 / 1024, 1 + 2 / 1024, 1 + 6 / 1024, 1 + 5 / 1024, -(1 + 3 / 1024), 0.0], np.float16)
+    out = bitround(x, keepbits=8, mantissa_bits=10)
+    assert out.dtype == np.float16
+    assert out.tolist() == [1 + 4 / 1024, 1.0, 1 + 8 / 1024, 1 + 4 / 1024, -(1 + 4 / 1024), 0.0]
+    # keepbits 0: only the exponent is left and a tie goes to the even bit pattern, whose last kept bit is the
+    # exponent's lowest: 1.5 = 2^0 x 1.1b (biased exponent 15, odd) -> 2.0; 3.0 (exponent 16, even) -> 2.0
+    assert bitround(np.array([1.25, 1.5, 1.75, 3.0], np.float16), 0, 10).tolist() == [1.0, 2.0, 2.0, 2.0]
+
+
+def test_bitround_full_mantissa_is_lossless_and_matches_numcodecs():
+    x = np.random.default_rng(0).standard_normal((50, 7)).astype(np.float16) * 30
+    assert np.array_equal(bitround(x, 10, 10).view(np.uint16), x.view(np.uint16))
+    numcodecs = pytest.importorskip("numcodecs")
+    for keepbits in (0, 3, 7, 9):
+        assert np.array_equal(bitround(x, keepbits, 10), numcodecs.BitRound(keepbits).encode(x).view(np.float16))
+    y = x.astype(np.float32) * 1.2345
+    assert np.array_equal(bitround(y, 11, 23), numcodecs.BitRound(11).encode(y).view(np.float32))
+
+
+def test_to_store_array_keepbits_for_each_dtype_and_overflow():
+    x = torch.tensor([[1 + 3 / 1024, -2.0], [65504.0, 0.0]])
+    assert to_store_array(x[:1], "float16", "h", keepbits=8).tolist() == [[1 + 4 / 1024, -2.0]]
+    assert np.array_equal(to_store_array(x, "float16", "h", keepbits=10), to_store_array(x, "float16", "h"))
+    # bfloat16 bits: 1 + 3/128 (mantissa 0000011b) -> 5 kept bits -> 1 + 4/128; stored as uint16 bits
+    b = to_store_array(torch.tensor([[1 + 3 / 128]]), "bfloat16", "h", keepbits=5)
+    assert b.dtype == np.uint16 and torch.from_numpy(b).view(torch.bfloat16).item() == 1 + 4 / 128
+    # 65504 = 0x7BFF (all mantissa bits set): dropping any bit rounds it up to 0x7C00 = inf
+    with pytest.raises(StoreError, match="overflow float16 after rounding to --keepbits 9"):
+        to_store_array(x, "float16", "blocks.0.hook_resid_post", keepbits=9)
+
+
+def test_keepbits_is_recorded_and_refused_when_it_changes(tmp_path):
+    x = torch.tensor([[1 + 3 / 1024, 2.0], [-1.5, 0.25]])
+    store = write_store(tmp_path / "s.zarr", x, context_size=2, chunk_size=2, dtype="float16")
+    assert store.spec.keepbits is None
+    s8 = spec(n_rows=2, chunk=2, ctx=2, d=2, dtype="float16", keepbits=8)
+    ActivationStore.create_or_resume(tmp_path / "k.zarr", s8)
+    meta = json.loads((tmp_path / "k.zarr" / HOOK / "zarr.json").read_text())
+    assert meta["attributes"]["keepbits"] == 8 and meta["data_type"] == "float16"
+    with pytest.raises(StoreError, match=r"different settings \(keepbits\)"):
+        ActivationStore.create_or_resume(tmp_path / "k.zarr", spec(n_rows=2, chunk=2, ctx=2, d=2, dtype="float16"))
+
+
+# ---- creation, forked workers ---------------------------------------------------------------------------------
+
+
+def test_creation_is_atomic_and_clears_leftovers(tmp_path):
+    # a run killed while creating the arrays leaves only a hidden ".<name>.creating-<pid>" sibling, never a
+    # folder that looks like a store; the next creation removes it.
+    (tmp_path / ".s.zarr.creating-123").mkdir()
+    (tmp_path / ".s.zarr.creating-123" / "zarr.json").write_text("{}")
+    (tmp_path / "s.zarr").mkdir()  # an empty folder is replaced
+    ActivationStore.create_or_resume(tmp_path / "s.zarr", spec())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr"]
+    # a zarr write killed before its rename leaves a ".partial" file: resuming deletes it
+    leftover = tmp_path / "s.zarr" / HOOK / "c" / "1" / "0.abc.partial"
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"xx")
+    ActivationStore.create_or_resume(tmp_path / "s.zarr", spec())
+    assert not leftover.exists()
+
+
+def _read_in_fork(path, queue):
+    import numcodecs.blosc
+
+    queue.put((numcodecs.blosc.use_threads, float(ActivationStore.open(path).read_rows(HOOK, 0, 64).sum())))
+
+
+def test_blosc_store_is_readable_in_a_forked_worker(tmp_path):
+    import numcodecs.blosc
+
+    x = np.arange(64 * 3, dtype=np.float32).reshape(64, 3) / 7
+    store = write_store(tmp_path / "s.zarr", torch.from_numpy(x), context_size=8, chunk_size=32)
+    store.read_rows(HOOK, 0, 64)  # Blosc and zarr's event loop are in use in the parent before the fork
+    numcodecs.blosc.use_threads = True  # as another library might set it: the at-fork hook turns it off again
+    try:
+        ctx = mp.get_context("fork")
+        queue = ctx.Queue()
+        p = ctx.Process(target=_read_in_fork, args=(str(tmp_path / "s.zarr"), queue))
+        p.start()
+        p.join(60)
+        hung = p.is_alive()
+        if hung:
+            p.kill()
+        assert not hung and p.exitcode == 0
+        assert queue.get(timeout=5) == (False, pytest.approx(float(torch.from_numpy(x).sum()), rel=1e-6))
+    finally:
+        numcodecs.blosc.use_threads = False
+
+
+# ---- plain readers, foreign arrays ----------------------------------------------------------------------------
+
+
+def test_plain_zarr_and_xarray_read_a_generated_store_without_saetool(tmp_path):
+    pytest.importorskip("xarray")
+    x = torch.tensor([[1.0, -2.5], [3.140625, 0.0], [0.5, 8.0], [-1.0, 2.0]])
+    write_store(tmp_path / "bf.zarr", x.to(torch.bfloat16), context_size=2, chunk_size=2, dtype="bfloat16",
+                mask=np.array([False, True, False, True]))
+    code = f"""
+import json, sys, numpy as np, zarr, xarray
+g = zarr.open_group({str(tmp_path / 'bf.zarr')!r}, mode="r")
+bits = g[{HOOK!r}][:]
+vals = (bits.astype(np.uint32) << 16).view(np.float32)   # bfloat16 bits -> float32, NumPy only
+ds = xarray.open_zarr({str(tmp_path / 'bf.zarr')!r}, consolidated=False)
+print(json.dumps({{"vals": vals.tolist(), "dtype": g[{HOOK!r}].attrs["saetool_dtype"], "mask": g["mask"][:].tolist(),
+    "tokens": g["tokens"][:].tolist(), "dims": list(ds[{HOOK!r}].dims), "xr": ds[{HOOK!r}].values.tolist(),
+    "n_rows": g.attrs["saetool"]["n_rows"], "saetool_imported": "saetool" in sys.modules}}))
+"""
+    out = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert out["vals"] == x.tolist() and out["dtype"] == "bfloat16" and out["n_rows"] == 4
+    assert out["mask"] == [False, True, False, True] and out["tokens"] == [[0, 1], [2, 3]]
+    assert out["dims"] == ["row", f"{HOOK}.dim"] and out["xr"] == x.to(torch.bfloat16).view(torch.uint16).tolist()
+    assert out["saetool_imported"] is False
+
+
+def _foreign_group(path):
+    """A Zarr v3 group written with plain zarr (no saetool attributes), as another tool would."""
+    rng = np.random.default_rng(0)
+    f32 = rng.standard_normal((20, 3)).astype(np.float32)
+    g = zarr.open_group(str(path), mode="w")
+    g.create_array("acts/f16", shape=(20, 3), dtype="float16", chunks=(8, 3))[:] = f32.astype(np.float16)
+    g.create_array("f32", shape=(20, 3), dtype="float32", chunks=(5, 3))[:] = f32
+    bf = torch.from_numpy(f32).to(torch.bfloat16)
+    g.create_array("bf16", shape=(20, 3), dtype="uint16", chunks=(10, 3),
+                   attributes={"dtype": "bfloat16"})[:] = bf.view(torch.uint16).numpy()
+    g.create_array("raw_u16", shape=(20, 3), dtype="uint16")
+    g.create_array("flat", shape=(20,), dtype="float32")
+    return f32, bf
+
+
+def test_foreign_zarr_arrays_read_like_a_store(tmp_path):
+    f32, bf = _foreign_group(tmp_path / "other.zarr")
+    for name, chunk, expected in (("acts/f16", 8, torch.from_numpy(f32).half().float()),
+                                  ("f32", 5, torch.from_numpy(f32)), ("bf16", 10, bf.float())):
+        src = ActivationStore.open(tmp_path / "other.zarr", array=name)
+        assert (src.spec.n_rows, src.spec.chunk_size, src.spec.hook_names, src.complete) == (20, chunk, [name], True)
+        assert src.resolve_hook(None) == name and src.width(name) == 3 and src.path == tmp_path / "other.zarr"
+        assert torch.equal(src.read_rows(name, 4, 13), expected[4:13])
+        assert src.read_rows(name, 0, 2, torch.float64).dtype == torch.float64
+        assert src.read_mask(15, 20).tolist() == [True] * 5
+    with pytest.raises(StoreError, match=r"has no array 'nope'; it holds bf16, f32, flat, raw_u16"):
+        ActivationStore.open(tmp_path / "other.zarr", array="nope")
+    with pytest.raises(StoreError, match=r"must be a 2-D array \[rows, d\], got \(20,\)"):
+        ActivationStore.open(tmp_path / "other.zarr", array="flat")
+    with pytest.raises(StoreError, match="has dtype uint16; expected float16, float32, or uint16 bits"):
+        ActivationStore.open(tmp_path / "other.zarr", array="raw_u16")
+    with pytest.raises(StoreError, match="--hook_name 'x' is not it"):
+        ActivationStore.open(tmp_path / "other.zarr", array="f32").resolve_hook("x")
+    with pytest.raises(StoreError, match="no Zarr store at"):
+        ActivationStore.open(tmp_path / "missing.zarr", array="f32")
+
+
+def test_sweep_trains_on_a_foreign_array(tmp_path):
+    from saetool.config import SweepConfig
+    from saetool.sweep import run_sweep
+
+    if "array" not in {f.name for f in __import__("dataclasses").fields(SweepConfig)}:
+        pytest.skip("SweepConfig has no --array yet")
+    g = zarr.open_group(str(tmp_path / "other.zarr"), mode="w")
+    x = np.random.default_rng(1).standard_normal((96, 8)).astype(np.float16)
+    g.create_array("resid", shape=(96, 8), dtype="float16", chunks=(32, 8))[:] = x
+    cfg = SweepConfig(dataset_dir=str(tmp_path / "other.zarr"), array="resid", output_dir=str(tmp_path / "o"),
+                      l1_values=[1e-3, 1e-2], batch_size=16, eval_tokens=32, device="cpu", report=False)
+    index = run_sweep(cfg, log=lambda *a: None)
+    assert index["store"] == {"path": str(tmp_path / "other.zarr"), "model": "", "hook_name": "resid", "n_rows": 96}
+    assert index["training"]["tokens"] == 64 and index["training"]["steps"] == 4  # every training row once
+    assert len(index["members"]) == 2 and all(m["metrics"]["n_tokens"] == 32 for m in index["members"])

@@ -105,6 +105,7 @@ def main() -> None:
                 "ratio_to_fp32": summary["ratio_to_fp32"], "hooks": list(summary["hooks"]), "path": store.path,
                 "outside_forward": outside}
 
+    load_start = os.getloadavg()[0]
     try:
         print(f"bench_generate: {args.tokens} tokens of SmolLM2-135M on {args.device}", flush=True)
         model = load_model("smollm2-135m", device=args.device)
@@ -161,7 +162,8 @@ def main() -> None:
             f"--{k} {v}" for k, v in vars(args).items() if v != p.get_default(k)),
         "machine": {"device": args.device, "cpu_count": os.cpu_count(), "torch": torch.__version__,
                     "python": platform.python_version(),
-                    "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None},
+                    "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+                    "load_average_1min_start_end": [load_start, os.getloadavg()[0]]},
         "tokens": args.tokens, "batch_size": args.batch_size, "context_size": args.context_size, "hook": hook,
         "medians_over_repeats": True,
         "overhead": {"bare_run_with_cache_tokens_per_s": round(med_bare, 1), "saetool_tokens_per_s": med_ours,

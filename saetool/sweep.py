@@ -313,11 +313,13 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict | None:
         (out / "metrics.md").write_text(f"Held-out evaluation on {n_eval} rows of {store.path}\n\n{table}\n")
         log(table)
     log(f"saved {n_members} SAEs to {out}")
-    if cfg.report and metrics is not None:
+    if cfg.report and metrics is not None and cfg.array is not None:
+        log("report skipped: `saetool report` does not read foreign --array stores yet")
+    elif cfg.report and metrics is not None:
         from saetool.config import build
         from saetool.report import ReportConfig, run_report
 
-        no_model = cfg.report_contexts == 0 or store.spec.model == "synthetic" or cfg.array is not None
+        no_model = cfg.report_contexts == 0 or store.spec.model == "synthetic"
         run_report(build(ReportConfig, {"output_dir": str(out), "device": str(cfg.device), "variants_per_forward": 4,
                                         "eval_contexts": cfg.report_contexts or None,
                                         "model": "none" if no_model else None}), log=log)

@@ -98,16 +98,21 @@ def evaluate(ensemble: SAEEnsemble, store: ActivationStore, hook: str, rows: tup
     return stats.compute()
 
 
+def _value(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def _metric_cells(m: dict) -> str:
+    """The metric columns shared by metrics_table and frontier_table."""
+    return (f"{m['mse']:.4g} | {m['fvu']:.4f} | {m['explained_variance']:.4f} | {m['l0']:.1f} | "
+            f"{100 * m['dead_fraction']:.1f}% |")
+
+
 def metrics_table(rows: list[dict], sweep_param: str) -> str:
     """A Markdown table of member metrics sorted by the swept hyperparameter."""
-    head = f"| {sweep_param} | MSE | FVU | explained var. | L0 | dead latents |"
-    lines = [head, "|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"| {sweep_param} | MSE | FVU | explained var. | L0 | dead latents |", "|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: r[sweep_param]):
-        p = r[sweep_param]
-        p = f"{p:.3g}" if isinstance(p, float) else str(p)
-        m = r["metrics"]
-        lines.append(f"| {p} | {m['mse']:.4g} | {m['fvu']:.4f} | {m['explained_variance']:.4f} | "
-                     f"{m['l0']:.1f} | {100 * m['dead_fraction']:.1f}% |")
+        lines.append(f"| {_value(r[sweep_param])} | {_metric_cells(r['metrics'])}")
     return "\n".join(lines)
 
 
@@ -487,9 +492,5 @@ def frontier_table(members: list[dict]) -> str:
              "|---|---:|---:|---:|---:|---:|---:|"]
     for m in sorted(members, key=lambda m: (m["architecture"], -m["metrics"]["l0"])):
         param = get_architecture(m["architecture"]).SWEEP_PARAM
-        v = m[param]
-        v = f"{v:.3g}" if isinstance(v, float) else str(v)
-        r = m["metrics"]
-        lines.append(f"| {m['architecture']} | {param} {v} | {r['mse']:.4g} | {r['fvu']:.4f} | "
-                     f"{r['explained_variance']:.4f} | {r['l0']:.1f} | {100 * r['dead_fraction']:.1f}% |")
+        lines.append(f"| {m['architecture']} | {param} {_value(m[param])} | {_metric_cells(m['metrics'])}")
     return "\n".join(lines)

@@ -240,7 +240,13 @@ def load_model(
             ) from error
 
     # With hf_model= the bridge uses the model as given: it neither moves nor casts it.
-    hf_model = hf_model.to(device).eval()
+    try:
+        hf_model = hf_model.to(device).eval()
+    except NotImplementedError:
+        # Seen intermittently in long test sessions: transformers left a tensor on the meta device
+        # ("Cannot copy out of meta tensor"). A second load has always given a complete model.
+        hf_model, tokenizer = _load_hf(source, torch_dtype)
+        hf_model = hf_model.to(device).eval()
     with _quiet_transformers():
         bridge = TransformerBridge.boot_transformers(
             source, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=torch_dtype

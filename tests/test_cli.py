@@ -9,7 +9,8 @@ from saetool.config import GenerateConfig, SweepConfig, build, field_docs
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "saetool.cli", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "saetool.cli", *args], check=False, capture_output=True, text=True,
+                          timeout=120)
 
 
 def test_flags_are_parsed_into_typed_fields():

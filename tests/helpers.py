@@ -35,7 +35,7 @@ def make_word_tokenizer(words: list[str] = WORDS):
     )
 
 
-def make_tiny_llama_dir(path: str | pathlib.Path, seed: int = 0) -> pathlib.Path:
+def make_tiny_llama_dir(path: str | pathlib.Path, seed: int = 0, tie_word_embeddings: bool = False) -> pathlib.Path:
     """Save a randomly initialised tiny ``LlamaForCausalLM`` and its word tokenizer into ``path``.
 
     Shape: hidden 32, 2 layers, 4 heads (d_head 8), 2 KV heads, intermediate 64, vocab = tokenizer size.
@@ -56,7 +56,7 @@ def make_tiny_llama_dir(path: str | pathlib.Path, seed: int = 0) -> pathlib.Path
         bos_token_id=0,
         eos_token_id=1,
         pad_token_id=1,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()

@@ -64,6 +64,28 @@ def test_tiny_bfloat16(tiny_model_dir):
     assert torch.equal(act, _hidden_states(hf_model, tokens)[1].reshape(10, -1))
 
 
+def test_loads_from_threads_leave_weight_tying_intact(tmp_path):
+    # transformers swaps PreTrainedModel.tie_weights for a no-op while it loads; unlocked loads from
+    # several threads (what a thread-per-rank run does) restored each other's no-op, and every later
+    # load of a tied model (SmolLM2) then left lm_head on the meta device. Seen in CI.
+    import threading
+
+    from transformers import PreTrainedModel
+
+    from tests.helpers import make_tiny_llama_dir
+
+    original = PreTrainedModel.tie_weights
+    plain = make_tiny_llama_dir(tmp_path / "plain")
+    for _ in range(3):
+        threads = [threading.Thread(target=load_model, args=(str(plain),)) for _ in range(4)]
+        [t.start() for t in threads]
+        [t.join(120) for t in threads]
+    assert PreTrainedModel.tie_weights is original
+    tied = load_model(str(make_tiny_llama_dir(tmp_path / "tied", tie_word_embeddings=True)))
+    hf = tied.original_model
+    assert hf.lm_head.weight is hf.model.embed_tokens.weight and not hf.lm_head.weight.is_meta
+
+
 def test_resolve_dtype():
     assert resolve_dtype("float32") is torch.float32
     assert resolve_dtype("bfloat16") is torch.bfloat16

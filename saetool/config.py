@@ -116,6 +116,22 @@ class SweepConfig:
     """Linear learning-rate warm-up over this many steps."""
     l1_warmup_steps: int = 0
     """Linear warm-up of the sparsity coefficient (l1_coefficient / l0_coefficient) over this many steps."""
+    lr_decay_steps: int = 0
+    """Linear learning-rate decay to 0 over the last this many steps of the run (SAELens lr_decay_steps)."""
+    decoder_norm_l1: bool = False
+    """standard only: L1 weighted by decoder norms, no unit-norm decoder projection (the April 2024 recipe;
+    SAELens' standard training loss with l1_coefficient x d_in, as SAELens sums the MSE over d_in)."""
+    grad_clip_norm: float = 0.0
+    """Clip each member's gradient to this L2 norm (over all its tensors) before Adam; 0 = off."""
+    dead_window: int = 10_000_000
+    """A latent is dead when it has not fired in this many training tokens (AuxK and resampling use it)."""
+    auxk_coefficient: float = 0.0
+    """AuxK weight for topk, batchtopk and matryoshka_batchtopk (Gao et al. 2024 use 1/32); 0 = off."""
+    k_aux: int = 0
+    """Dead latents AuxK reconstructs with per token; 0 = d_in // 2."""
+    resample_every: int = 0
+    """Resample dead latents every this many steps (Bricken et al. 2023; standard, topk, batchtopk,
+    matryoshka_batchtopk), resetting their Adam state and restarting the LR warm-up; 0 = never."""
     config: str | None = None
     """A sweep YAML (configs/sweeps/): its top-level keys are flags (explicit flags win), and its `ensembles`
     list trains one ensemble per entry in the same run."""
@@ -137,7 +153,8 @@ class SweepConfig:
     eval_tokens: int = 8192
     """Rows held out from the end of the store for the final evaluation (never trained on)."""
     b_dec_init: str = "mean"
-    """Initial b_dec: "mean" of up to 65536 training rows, or "zeros"."""
+    """Initial b_dec: "mean" or "geometric_median" (Bricken et al. 2023; Weiszfeld) of up to 65536 training rows,
+    or "zeros"."""
     shuffle_chunks: int = 4
     """Store chunks pooled and shuffled together while reading."""
     array: str | None = None
@@ -170,7 +187,20 @@ class SweepConfig:
         _check(self.n_repetitions >= 1, "n_repetitions", "must be >= 1")
         _check(self.l1_value_n >= 1, "l1_value_n", "must be >= 1")
         _check(self.eval_tokens >= 0, "eval_tokens", "must be >= 0")
-        _check(self.b_dec_init in ("mean", "zeros"), "b_dec_init", "must be mean or zeros")
+        _check(self.b_dec_init in ("mean", "geometric_median", "zeros"), "b_dec_init",
+               "must be mean, geometric_median or zeros")
+        _check(self.lr_decay_steps >= 0, "lr_decay_steps", "must be >= 0")
+        _check(self.grad_clip_norm >= 0, "grad_clip_norm", "must be >= 0")
+        _check(self.dead_window >= 1, "dead_window", "must be >= 1")
+        _check(self.auxk_coefficient >= 0, "auxk_coefficient", "must be >= 0")
+        _check(self.k_aux >= 0, "k_aux", "must be >= 0")
+        _check(self.resample_every >= 0, "resample_every", "must be >= 0")
+        _check(not (self.decoder_norm_l1 and self.architecture != "standard"), "decoder_norm_l1",
+               "applies to architecture standard only")
+        _check(not (self.auxk_coefficient and self.architecture not in ("topk", "batchtopk", "matryoshka_batchtopk")),
+               "auxk_coefficient", "applies to topk, batchtopk and matryoshka_batchtopk only")
+        _check(not (self.resample_every and self.architecture in ("jumprelu", "gated")), "resample_every",
+               "applies to standard, topk, batchtopk and matryoshka_batchtopk only")
         from saetool.saes import ARCHITECTURES
 
         _check(self.architecture in ARCHITECTURES, "architecture", f"must be one of {', '.join(ARCHITECTURES)}")

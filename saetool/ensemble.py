@@ -19,6 +19,7 @@ import math
 import torch
 from torch import nn
 
+from saetool.recipes import auxk_loss, clip_grad_norm_per_member, decoder_weighted_l1
 from saetool.saes import get_architecture, is_generic, options_of
 from saetool.saes._common import decode as generic_decode
 
@@ -54,17 +55,30 @@ class SAEEnsemble(nn.Module):
         seeds: one init seed per member (`init_member`; extra parameters start from the architecture's constants).
         tied: W_enc is W_dec^T (one shared parameter), as the original `FunctionalTiedSAE`.
         options: ensemble-wide architecture settings (Matryoshka's `matryoshka_widths`); defaults otherwise.
+        decoder_norm_l1: standard only: the April 2024 recipe, L1 weighted by decoder norms
+            (saetool.recipes.decoder_weighted_l1) with NO unit-norm projection of W_dec (normalize_decoder
+            does nothing); SAELens' StandardTrainingSAE loss up to the factor d_in (it sums the MSE over d_in).
+        auxk_coefficient, k_aux: AuxK (Gao et al. 2024; saetool.recipes.auxk_loss) for the top-k
+            architectures: auxk_coefficient * L_aux is added to each member's loss when loss_and_stats gets a
+            dead-latent mask; k_aux 0 = d_in // 2 (SAELens' default).
     """
 
     def __init__(self, architecture: str, d_in: int, d_sae: int, hyperparams: dict[str, list[float]],
                  seeds: list[int], tied: bool = False, dtype: torch.dtype = torch.float32,
-                 options: dict | None = None):
+                 options: dict | None = None, decoder_norm_l1: bool = False, auxk_coefficient: float = 0.0,
+                 k_aux: int = 0):
         super().__init__()
         self.arch = get_architecture(architecture)
         self.architecture, self.d_in, self.d_sae, self.tied = architecture, d_in, d_sae, tied
         self.generic = is_generic(self.arch)
         if tied and architecture != "standard":
             raise ValueError("tied weights apply to architecture standard only")
+        if decoder_norm_l1 and architecture != "standard":
+            raise ValueError("decoder_norm_l1 applies to architecture standard only")
+        if auxk_coefficient and architecture not in ("topk", "batchtopk", "matryoshka_batchtopk"):
+            raise ValueError("AuxK applies to the top-k architectures (topk, batchtopk, matryoshka_batchtopk)")
+        self.decoder_norm_l1, self.auxk_coefficient = decoder_norm_l1, float(auxk_coefficient)
+        self.k_aux = min(int(k_aux) or d_in // 2, d_sae)
         self.options = options_of(self.arch, d_sae, options)
         defaults = getattr(self.arch, "HYPERPARAM_DEFAULTS", {})
         hyperparams = {**{h: [v] * len(seeds) for h, v in defaults.items()}, **hyperparams}
@@ -122,8 +136,11 @@ class SAEEnsemble(nn.Module):
         """x [batch, d_in] -> latents f [n_members, batch, d_sae] (training or inference form by `self.training`)."""
         if self.generic:
             return self.arch.encode(self.weights(), x, self.hp(), self.training)[0]
-        pre = torch.baddbmm(self.b_enc.unsqueeze(1), x.unsqueeze(0) - self.b_dec.unsqueeze(1), self.W_enc)
-        return self.arch.activation(pre, self.hp())
+        return self.arch.activation(self._affine_pre(x), self.hp())
+
+    def _affine_pre(self, x: torch.Tensor) -> torch.Tensor:
+        """(x - b_dec) W_enc + b_enc [n_members, batch, d_sae] (standard, topk)."""
+        return torch.baddbmm(self.b_enc.unsqueeze(1), x.unsqueeze(0) - self.b_dec.unsqueeze(1), self.W_enc)
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         """f [n_members, batch, d_sae] -> x_hat [n_members, batch, d_in]."""
@@ -131,14 +148,15 @@ class SAEEnsemble(nn.Module):
 
     def forward(self, x: torch.Tensor, return_pre: bool = False):
         """x [batch, d_in] -> (x_hat [n_members, batch, d_in], f [n_members, batch, d_sae]), and with return_pre
-        the pre-activations the loss needs (generic architectures; None for standard/topk).
+        the pre-activations [n_members, batch, d_sae] (the loss of generic architectures and AuxK need them).
 
         In training mode (nn.Module.train) the architecture's training forward runs (BatchTopK's batch top-k)
         and its buffers are updated (BatchTopK's threshold); in eval mode the inference forward (the threshold).
         """
         if not self.generic:
-            f = self.encode(x)
-            return (self.decode(f), f, None) if return_pre else (self.decode(f), f)
+            pre = self._affine_pre(x)
+            f = self.arch.activation(pre, self.hp())
+            return (self.decode(f), f, pre) if return_pre else (self.decode(f), f)
         w, hp = self.weights(), self.hp()
         f, pre = self.arch.encode(w, x, hp, self.training)
         if self.training and hasattr(self.arch, "update_buffers"):
@@ -164,12 +182,19 @@ class SAEEnsemble(nn.Module):
             out["loss"] = sum(out.values())
             return out
         mse = (x_hat - x.unsqueeze(0)).pow(2).mean(-1).sum(-1) / n
-        sparsity = self.arch.sparsity_loss(f, self.hp()).sum(-1) / n
+        if self.decoder_norm_l1:
+            sparsity = self.l1_coefficient.unsqueeze(-1) * decoder_weighted_l1(f, self.W_dec)
+        else:
+            sparsity = self.arch.sparsity_loss(f, self.hp())
+        sparsity = sparsity.sum(-1) / n
         return {"mse": mse, "sparsity": sparsity, "loss": mse + sparsity}
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
-        """Scale every decoder atom (row of W_dec[m]) to unit L2 norm (case T3)."""
+        """Scale every decoder atom (row of W_dec[m]) to unit L2 norm (case T3); nothing with decoder_norm_l1
+        (that recipe lets the weighted L1 control the atoms' norms)."""
+        if self.decoder_norm_l1:
+            return
         self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8))
 
     @torch.no_grad()
@@ -205,35 +230,49 @@ class SAEEnsemble(nn.Module):
         return {name: values[i] for name, values in self.hyperparams.items()}
 
 
-def loss_and_stats(model: nn.Module, ensemble: SAEEnsemble, x: torch.Tensor, n_total: int, loss_scale: float
-                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def loss_and_stats(model: nn.Module, ensemble: SAEEnsemble, x: torch.Tensor, n_total: int, loss_scale: float,
+                   dead: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Forward + loss of every member on rows x [rows, d_in]: the part of a step that `torch.compile` fuses.
 
     model is `ensemble` itself or its DistributedDataParallel wrapper. Returns (the scalar to backpropagate:
     the sum of member losses times loss_scale, stats): stats are [n_members] tensors normalised by n_total
     ("loss", "mse", "sparsity", "l0" = non-zero latents summed over rows / n_total), so summing them over
-    data-parallel ranks gives the global batch means.
+    data-parallel ranks gives the global batch means, and "fired" [n_members, d_sae] bool (latents non-zero on
+    some row). With ensemble.auxk_coefficient and a dead mask [n_members, d_sae] (saetool.recipes.
+    DeadLatentTracker), "auxk" (its normalised MSE, weighted by rows / n_total so the ranks' terms sum to a
+    row-weighted mean) times the coefficient is added to "loss".
     """
     x_hat, f, pre = model(x, return_pre=True)
     losses = ensemble.losses(x, x_hat, f, n_total, pre)
+    if ensemble.auxk_coefficient and dead is not None:
+        aux = auxk_loss(pre, dead, x.unsqueeze(0) - x_hat, ensemble.W_dec, ensemble.k_aux) * (x.shape[0] / n_total)
+        losses["auxk"] = aux
+        losses["loss"] = losses["loss"] + ensemble.auxk_coefficient * aux
     stats = {k: v.detach() for k, v in losses.items()}
-    stats["l0"] = (f.detach() != 0).sum(-1).sum(-1).float() / n_total
+    nonzero = f.detach() != 0
+    stats["l0"] = nonzero.sum(-1).sum(-1).float() / n_total
+    stats["fired"] = nonzero.any(-2)
     return losses["loss"].sum() * loss_scale, stats
 
 
 def train_step(ensemble: SAEEnsemble, optimizer: torch.optim.Optimizer, x: torch.Tensor, n_total: int | None = None,
-               step_fn=None, model: nn.Module | None = None, loss_scale: float = 1.0) -> dict[str, torch.Tensor]:
-    """One step for every member: forward, summed loss, backward, Adam, decoder renormalisation.
+               step_fn=None, model: nn.Module | None = None, loss_scale: float = 1.0, dead: torch.Tensor | None = None,
+               grad_clip_norm: float = 0.0) -> dict[str, torch.Tensor]:
+    """One step for every member: forward, summed loss, backward, per-member gradient clipping (grad_clip_norm > 0;
+    saetool.recipes.clip_grad_norm_per_member), Adam, decoder renormalisation.
 
     x [rows, d_in] is this process's share of a batch of n_total rows (default: all of it). step_fn is
     `loss_and_stats` or its compiled version; model the module to call (DDP wrapper or the ensemble);
-    loss_scale = world size under DDP (DDP averages gradients over ranks, our losses are already global sums).
+    loss_scale = world size under DDP (DDP averages gradients over ranks, our losses are already global sums);
+    dead: the dead-latent mask AuxK uses (see loss_and_stats).
     Returns the statistics of THIS batch computed before the update (the batch trained on), see loss_and_stats.
     """
     step_fn = step_fn or loss_and_stats
-    total, stats = step_fn(model or ensemble, ensemble, x, n_total or x.shape[0], loss_scale)
+    total, stats = step_fn(model or ensemble, ensemble, x, n_total or x.shape[0], loss_scale, dead)
     optimizer.zero_grad(set_to_none=True)
     total.backward()
+    if grad_clip_norm > 0:
+        clip_grad_norm_per_member(ensemble.parameters(), grad_clip_norm)
     optimizer.step()
     ensemble.normalize_decoder()
     return stats

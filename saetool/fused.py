@@ -38,11 +38,14 @@ def fused_loss_and_grads(ensemble: SAEEnsemble, x: torch.Tensor, n_total: int, g
 
     x: this process's rows [rows, d_in] (float32, or the ensemble's dtype); n_total: the global batch size the
     losses are normalised by (see SAEEnsemble.losses); group_size: members per batched matmul.
-    Returns {"loss", "mse", "sparsity", "l0"} each [n_members] (normalised by n_total), as loss_and_stats.
-    Raises ValueError for architectures without a fused kernel (use the autograd path).
+    Returns {"loss", "mse", "sparsity", "l0"} each [n_members] (normalised by n_total) and "fired" [n_members,
+    d_sae], as loss_and_stats.
+    Raises ValueError for architectures without a fused kernel, decoder_norm_l1 or AuxK (use the autograd path).
     """
     if ensemble.architecture not in FUSED_ARCHITECTURES:
         raise ValueError(f"no fused kernel for architecture {ensemble.architecture!r}")
+    if ensemble.decoder_norm_l1 or ensemble.auxk_coefficient:
+        raise ValueError("the fused kernel has no decoder-norm L1 or AuxK; use the autograd path")
     W_enc, W_dec, b_enc, b_dec = ensemble.W_enc, ensemble.W_dec, ensemble.b_enc, ensemble.b_dec
     params = [W_dec, b_enc, b_dec] + ([] if ensemble.tied else [ensemble.W_enc_param])
     for p in params:
@@ -54,6 +57,7 @@ def fused_loss_and_grads(ensemble: SAEEnsemble, x: torch.Tensor, n_total: int, g
     hp = ensemble.hp()
     l1 = hp.get("l1_coefficient")
     stats = {k: x.new_zeros(N, dtype=torch.float32) for k in ("mse", "sparsity", "l0")}
+    fired = torch.zeros(N, ensemble.d_sae, dtype=torch.bool, device=x.device)
     xt = x.t()
     for g0 in range(0, N, group_size):
         g = slice(g0, min(N, g0 + group_size))
@@ -66,6 +70,7 @@ def fused_loss_and_grads(ensemble: SAEEnsemble, x: torch.Tensor, n_total: int, g
         stats["mse"][g] = e.pow(2).sum((1, 2)) / (n_total * d)
         active = f > 0
         stats["l0"][g] = active.sum((1, 2)).float() / n_total
+        fired[g] = active.any(1)
         if l1 is not None:
             stats["sparsity"][g] = l1[g] * f.sum((1, 2)) / n_total
         g_xhat = e.mul_(2.0 * grad_scale / (n_total * d))
@@ -85,4 +90,5 @@ def fused_loss_and_grads(ensemble: SAEEnsemble, x: torch.Tensor, n_total: int, g
         else:
             gW_enc[g] = dW_enc
     stats["loss"] = stats["mse"] + stats["sparsity"]
+    stats["fired"] = fired
     return stats

@@ -1,5 +1,5 @@
 """Training recipes as small pure functions: schedules, activation normalisation, b_dec initialisation, AuxK,
-decoder-norm-weighted L1, per-member gradient clipping and dead-latent tracking.
+decoder-norm-weighted L1, per-member gradient clipping, dead-latent tracking and neuron resampling.
 
 Every function works on the stacked ensemble layout (leading member axis, see saetool.ensemble) and keeps
 members independent: what one member gets never depends on another (so the ensemble still equals N separate
@@ -138,7 +138,9 @@ def clip_grad_norm_per_member(params: Iterable[torch.Tensor], max_norm: float) -
 class DeadLatentTracker:
     """Tokens since each latent last fired, per member: dead = not fired in the last `window` tokens (OpenAI: 10M).
 
-    update(f) with f [N, B, d_sae] after each training batch; `dead` [N, d_sae] bool.
+    update(f) with f [N, B, d_sae] after each training batch, or update_fired(fired [N, d_sae] bool, n_tokens)
+    (what data-parallel ranks agree on after OR-ing their masks); `dead` [N, d_sae] bool. `since` is the state a
+    checkpoint saves.
     """
 
     def __init__(self, n_members: int, d_sae: int, window: int, device: str | torch.device = "cpu"):
@@ -147,9 +149,60 @@ class DeadLatentTracker:
 
     @torch.no_grad()
     def update(self, f: torch.Tensor) -> None:
-        fired = (f != 0).any(-2)
-        self.since = torch.where(fired, torch.zeros_like(self.since), self.since + f.shape[-2])
+        self.update_fired((f != 0).any(-2), f.shape[-2])
+
+    @torch.no_grad()
+    def update_fired(self, fired: torch.Tensor, n_tokens: int) -> None:
+        self.since = torch.where(fired, torch.zeros_like(self.since), self.since + n_tokens)
 
     @property
     def dead(self) -> torch.Tensor:
         return self.since >= self.window
+
+
+# ---- neuron resampling ----------------------------------------------------------------------------------------
+
+RESAMPLE_ENCODER_SCALE = 0.2
+
+
+@torch.no_grad()
+def resample_dead_latents(W_enc: torch.Tensor, W_dec: torch.Tensor, b_enc: torch.Tensor, dead: torch.Tensor,
+                          x: torch.Tensor, x_hat: torch.Tensor, generators: list[torch.Generator],
+                          optimizer: torch.optim.Optimizer | None = None) -> torch.Tensor:
+    """Neuron resampling (Bricken et al. 2023, "Towards Monosemanticity", appendix "Neuron Resampling"), in place.
+
+    For member m, every dead latent i gets an input row x_b drawn with probability proportional to the squared
+    reconstruction error ||x_hat[m, b] - x_b||^2 (independent draws, from generators[m]), then
+        W_dec[m, i]    = x_b / ||x_b||
+        W_enc[m, :, i] = x_b / ||x_b|| * 0.2 * mean_{alive j} ||W_enc[m, :, j]||   (1 if no latent is alive)
+        b_enc[m, i]    = 0
+    and the optimizer's state for those entries (Adam's exp_avg, exp_avg_sq) is zeroed, so stale moments do not
+    push the new latent back. Restart the learning-rate warm-up afterwards (case T4, saetool.recipes.lr_multiplier).
+
+    Shapes: W_enc [N, d_in, d_sae], W_dec [N, d_sae, d_in], b_enc [N, d_sae], dead [N, d_sae] bool, x [B, d_in],
+    x_hat [N, B, d_in]. A tied W_enc (a view of W_dec) is set through W_dec only. Returns the number resampled [N].
+    """
+    tied = W_enc.data_ptr() == W_dec.data_ptr()
+    err = (x_hat - x.unsqueeze(0)).pow(2).sum(-1).double()                      # [N, B]
+    counts = dead.sum(-1)
+    for m in range(dead.shape[0]):
+        idx = dead[m].nonzero().squeeze(-1)
+        if idx.numel() == 0:
+            continue
+        weights = err[m].cpu() if float(err[m].sum()) > 0 else torch.ones(x.shape[0], dtype=torch.float64)
+        rows = torch.multinomial(weights, idx.numel(), replacement=True, generator=generators[m]).to(x.device)
+        v = x[rows].to(W_dec.dtype)
+        v = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-8)                   # [n_dead, d_in]
+        alive = ~dead[m]
+        enc_norm = W_enc[m].norm(dim=0)[alive].mean() if alive.any() else W_enc.new_tensor(1.0)
+        W_dec[m, idx] = v
+        if not tied:
+            W_enc[m][:, idx] = (v * RESAMPLE_ENCODER_SCALE * enc_norm).T
+        b_enc[m, idx] = 0
+        if optimizer is not None:
+            for param, where in ((W_dec, (m, idx)), (b_enc, (m, idx))) + (() if tied else ((W_enc, (m, slice(None), idx)),)):
+                for key in ("exp_avg", "exp_avg_sq"):
+                    state = optimizer.state.get(param, {}).get(key)
+                    if state is not None:
+                        state[where] = 0
+    return counts

@@ -37,7 +37,8 @@ from saetool.fused import FUSED_ARCHITECTURES, fused_loss_and_grads
 from saetool.io import INDEX_FILE, write_sweep
 from saetool.loader import BatchLoader
 from saetool.metrics import ReconstructionStats
-from saetool.recipes import coefficient_multiplier, fold_normalization, lr_multiplier, normalization_factor
+from saetool.recipes import (DeadLatentTracker, clip_grad_norm_per_member, coefficient_multiplier, fold_normalization,
+                             geometric_median, lr_multiplier, normalization_factor, resample_dead_latents)
 from saetool.saes import get_architecture
 from saetool.store import ActivationStore, StoreError
 
@@ -77,8 +78,13 @@ def _data_sample(store: ActivationStore, hook: str, rows: tuple[int, int], max_r
     return store.read_rows(hook, start, stop, torch.float64)[torch.from_numpy(store.read_mask(start, stop))]
 
 
-def _data_mean(store: ActivationStore, hook: str, rows: tuple[int, int], max_rows: int = 65536) -> torch.Tensor:
-    return _data_sample(store, hook, rows, max_rows).mean(0).float()
+def _b_dec_init(how: str, store: ActivationStore, hook: str, rows: tuple[int, int]) -> torch.Tensor | None:
+    """The initial b_dec [d_in] (float32) from up to 65536 training rows: their mean or geometric median; None
+    for zeros."""
+    if how == "zeros":
+        return None
+    sample = _data_sample(store, hook, rows)
+    return (sample.mean(0) if how == "mean" else geometric_median(sample)).float()
 
 
 @torch.no_grad()
@@ -197,7 +203,8 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict | None:
 
     ensemble = SAEEnsemble(cfg.architecture, d_in, d_sae, {h: [v[i] for i in local] for h, v in hyper.items()},
                            seeds=[cfg.seed + i for i in local], tied=cfg.tied,
-                           options={"matryoshka_widths": cfg.matryoshka_widths} if cfg.matryoshka_widths else None
+                           options={"matryoshka_widths": cfg.matryoshka_widths} if cfg.matryoshka_widths else None,
+                           decoder_norm_l1=cfg.decoder_norm_l1, auxk_coefficient=cfg.auxk_coefficient, k_aux=cfg.k_aux
                            ).to(device)
     if cfg.architecture == "jumprelu":
         with torch.no_grad():
@@ -206,15 +213,18 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict | None:
     if cfg.normalize_activations == "expected_average_only_in":
         scale = normalization_factor(_data_sample(store, hook, train_rows))
         log(f"normalize_activations: inputs x {scale:.4g} (mean norm sqrt(d_in)), folded into the saved weights")
-    if cfg.b_dec_init == "mean":
-        ensemble.set_b_dec(_data_mean(store, hook, train_rows) * scale)
+    b_dec = _b_dec_init(cfg.b_dec_init, store, hook, train_rows)
+    if b_dec is not None:
+        ensemble.set_b_dec(b_dec * scale)
     coefficient = next((h for h in ("l1_coefficient", "l0_coefficient") if h in ensemble.hyperparams), None)
     optimizer = torch.optim.Adam(ensemble.parameters(), lr=cfg.adam_lr)
     data_parallel = cfg.parallel == "data" and dist.active
+    autograd_only = cfg.autocast != "none" or cfg.decoder_norm_l1 or cfg.auxk_coefficient
     fused = cfg.kernel == "fused" or (cfg.kernel == "auto" and cfg.architecture in FUSED_ARCHITECTURES
-                                      and cfg.autocast == "none")
-    if fused and cfg.autocast != "none":
-        raise ValueError("--kernel fused runs in the weights' dtype; use --kernel autograd with --autocast bf16")
+                                      and not autograd_only)
+    if fused and autograd_only:
+        raise ValueError("--kernel fused has no --autocast, --decoder_norm_l1 or --auxk_coefficient; use --kernel "
+                         "autograd (or auto)")
     # the fused kernel sums its gradients over ranks itself; the autograd path uses DDP
     model = ensemble
     if data_parallel and not fused:
@@ -225,6 +235,11 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict | None:
     step_fn = _make_step_fn(use_compile, cfg.autocast, torch.device(device).type)
     fused_fn = torch.compile(fused_loss_and_grads) if (fused and use_compile) else fused_loss_and_grads
     loader = BatchLoader(store, hook, cfg.batch_size, train_rows, seed=cfg.seed, shuffle_chunks=cfg.shuffle_chunks)
+    total_steps = len(loader) * cfg.n_repetitions
+    restarts = range(cfg.resample_every, total_steps, cfg.resample_every) if cfg.resample_every else ()
+    tracker = None
+    if cfg.auxk_coefficient or cfg.resample_every:
+        tracker = DeadLatentTracker(len(local), d_sae, cfg.dead_window, device)
     sweep_param = ensemble.arch.SWEEP_PARAM
     log(f"sweep: {n_members} {cfg.architecture} SAEs ({sweep_param} {hyper[sweep_param][0]:.3g}.."
         f"{hyper[sweep_param][-1]:.3g}), d_in {d_in}, d_sae {d_sae}, hook {hook}, {loader.n_rows} training rows x "
@@ -240,6 +255,8 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict | None:
         ensemble.load_state_dict(state["ensemble"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
+        if tracker is not None:
+            tracker.since.copy_(state["dead_since"])
         epoch, skip, steps, tokens = state["epoch"], state["batch_in_epoch"], state["steps"], state["tokens"]
         log(f"resuming {out} at step {steps} (epoch {epoch}, batch {skip})")
     elif cfg.resume:
@@ -265,22 +282,33 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict | None:
             if scale != 1.0:
                 x_local = x_local * scale
             for group_ in optimizer.param_groups:
-                group_["lr"] = cfg.adam_lr * lr_multiplier(steps, cfg.lr_warmup_steps)
+                group_["lr"] = cfg.adam_lr * lr_multiplier(steps, cfg.lr_warmup_steps, total_steps, cfg.lr_decay_steps,
+                                                           restarts)
             if coefficient and cfg.l1_warmup_steps:
                 base = torch.tensor(ensemble.hyperparams[coefficient], dtype=torch.float64)
                 getattr(ensemble, coefficient).copy_(base * coefficient_multiplier(steps, cfg.l1_warmup_steps))
+            dead = tracker.dead if tracker is not None and cfg.auxk_coefficient else None
             if fused:
                 stats = train_batch_fused(ensemble, optimizer, x_local, len(x), group, fused_fn,
-                                          dist if data_parallel else None)
+                                          dist if data_parallel else None, cfg.grad_clip_norm)
             else:
                 stats = train_step(ensemble, optimizer, x_local, n_total=len(x), step_fn=step_fn, model=model,
-                                   loss_scale=dist.world_size if data_parallel else 1.0)
+                                   loss_scale=dist.world_size if data_parallel else 1.0, dead=dead,
+                                   grad_clip_norm=cfg.grad_clip_norm)
+            fired = stats.pop("fired")
             steps += 1
+            if tracker is not None:
+                if data_parallel:
+                    fired = dist.all_reduce_sum(fired.int()) > 0
+                tracker.update_fired(fired, len(x))
+                if cfg.resample_every and steps % cfg.resample_every == 0 and steps < total_steps:
+                    _resample(ensemble, optimizer, x.to(device) * scale, tracker, cfg.seed, steps, local, log)
             tokens += len(x)
             trained_here += len(x)
             bar.update(len(x))
-            if steps % LOG_EVERY == 1:
-                _log_step(stats, steps, tokens, dist, data_parallel, by_members, train_log, bar)
+            if (steps - 1) % LOG_EVERY == 0:
+                _log_step(stats, steps, tokens, dist, data_parallel, by_members, train_log, bar,
+                          optimizer.param_groups[0]["lr"])
             if cfg.save_after_every and epoch_tokens >= next_snapshot:
                 chunk = epoch_tokens // store.spec.chunk_size
                 _save(ensemble, local, cfg, store, hook, out / "snapshots" / f"epoch_{epoch}_chunk_{chunk}", dist,
@@ -289,7 +317,8 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict | None:
             if cfg.checkpoint_every and steps % cfg.checkpoint_every == 0:
                 checkpointer.save({"ensemble": ensemble.state_dict(), "optimizer": optimizer.state_dict(),
                                    "epoch": epoch, "batch_in_epoch": i + 1, "steps": steps, "tokens": tokens,
-                                   "torch_rng": torch.get_rng_state(), "fingerprint": _fingerprint(cfg, dist)},
+                                   "torch_rng": torch.get_rng_state(), "fingerprint": _fingerprint(cfg, dist),
+                                   "dead_since": tracker.since.cpu() if tracker is not None else None},
                                   steps)
         skip = 0
         if epoch < cfg.n_repetitions - 1:
@@ -332,18 +361,42 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict | None:
 
 
 def train_batch_fused(ensemble: SAEEnsemble, optimizer: torch.optim.Optimizer, x: torch.Tensor, n_total: int,
-                      group: int, fused_fn=fused_loss_and_grads, dist: Dist | None = None) -> dict[str, torch.Tensor]:
+                      group: int, fused_fn=fused_loss_and_grads, dist: Dist | None = None, grad_clip_norm: float = 0.0
+                      ) -> dict[str, torch.Tensor]:
     """One fused step: gradients of this rank's rows (normalised by the global batch n_total), summed over
-    data-parallel ranks in one flat all-reduce (the exact global gradient), Adam, decoder renormalisation."""
+    data-parallel ranks in one flat all-reduce (the exact global gradient), per-member clipping (grad_clip_norm > 0),
+    Adam, decoder renormalisation."""
     stats = fused_fn(ensemble, x, n_total, group)
     if dist is not None and dist.active:
         grads = [p.grad for p in ensemble.parameters()]
         flat = dist.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]))
         for g, new in zip(grads, flat.split([g.numel() for g in grads])):
             g.copy_(new.view_as(g))
+    if grad_clip_norm > 0:
+        clip_grad_norm_per_member(ensemble.parameters(), grad_clip_norm)
     optimizer.step()
     ensemble.normalize_decoder()
     return stats
+
+
+@torch.no_grad()
+def _resample(ensemble: SAEEnsemble, optimizer: torch.optim.Optimizer, x: torch.Tensor, tracker: DeadLatentTracker,
+              seed: int, step: int, local: range, log) -> None:
+    """Resample this rank's members' dead latents on the full batch x (every rank holds it, so data-parallel
+    ranks agree); member i draws from its own generator seeded by (seed, step, i), so the result does not
+    depend on how members are split across ranks. The dead latents then count as fresh."""
+    dead = tracker.dead
+    if not dead.any():
+        return
+    buffers = {n: getattr(ensemble, n).clone() for n in ensemble.buffer_names}
+    x_hat, _ = ensemble(x)  # the training forward (BatchTopK: batch top-k), without its buffer update:
+    for n, value in buffers.items():
+        getattr(ensemble, n).copy_(value)
+    generators = [torch.Generator().manual_seed(seed * 1_000_003 + step * 65_537 + i) for i in local]
+    W_enc = ensemble.W_enc if ensemble.tied else ensemble.W_enc_param
+    counts = resample_dead_latents(W_enc, ensemble.W_dec, ensemble.b_enc, dead, x, x_hat, generators, optimizer)
+    tracker.since[dead] = 0
+    log(f"step {step}: resampled {int(counts.sum())} dead latents ({counts.tolist()} per member)")
 
 
 def _make_step_fn(use_compile: bool, autocast: str, device_type: str):
@@ -367,7 +420,7 @@ def _trim_log(path: Path, steps: int) -> None:
 
 
 def _log_step(stats: dict, steps: int, tokens: int, dist: Dist, data_parallel: bool, by_members: bool, train_log,
-              bar) -> None:
+              bar, lr: float) -> None:
     """Log the trained batch's per-member stats: summed over data-parallel ranks (they are normalised by the
     global batch), or gathered from member-parallel ranks. Every rank calls this at the same steps."""
     if data_parallel:
@@ -377,7 +430,8 @@ def _log_step(stats: dict, steps: int, tokens: int, dist: Dist, data_parallel: b
         stats = {k: torch.cat([p[k] for p in parts]) for k in stats}
     if train_log is None:
         return
-    train_log.write(json.dumps({"step": steps, "tokens": tokens, **{k: v.tolist() for k, v in stats.items()}}) + "\n")
+    train_log.write(json.dumps({"step": steps, "tokens": tokens, "lr": lr, **{k: v.tolist() for k, v in stats.items()}})
+                    + "\n")
     train_log.flush()
     l0, mse = stats["l0"], stats["mse"]
     bar.set_postfix_str(f"L0 {l0.min():.0f}-{l0.max():.0f}, mse {mse.min():.3g}-{mse.max():.3g}")

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from saetool.io import load_sae, save_sae
+from saetool.ensemble import SAEEnsemble, loss_and_stats, train_step
 from saetool.recipes import (DeadLatentTracker, auxk_loss, clip_grad_norm_per_member, coefficient_multiplier,
                              decoder_weighted_l1, fold_normalization, geometric_median, lr_multiplier,
-                             normalization_factor)
+                             normalization_factor, resample_dead_latents)
 from saetool.sae import SparseLinearAutoencoder
 
 
@@ -101,3 +102,109 @@ def test_dead_latent_tracker_window():
     t.update(torch.tensor([[[1.0, 0.0, 0.0]] * 4]))        # latent 0 fires; 4 tokens
     t.update(torch.tensor([[[0.0, 0.0, 0.0]] * 3 + [[0.0, 2.0, 0.0]]]))
     assert t.since.tolist() == [[4, 0, 8]] and t.dead.tolist() == [[False, False, True]]
+
+
+def test_resample_dead_latents_hand_case():
+    # one member, d_in 2, d_sae 3; latent 2 is dead. Row 1 carries all the reconstruction error, so it is drawn
+    # with probability 1: W_dec[2] = x_1/|x_1| = [0.6, 0.8]; W_enc[:, 2] = 0.2 * mean alive encoder norm (|[1,0]| = 1,
+    # |[0,3]| = 3 -> 2) * [0.6, 0.8] = [0.24, 0.32]; b_enc[2] = 0; Adam moments of those entries zeroed only.
+    W_enc = torch.nn.Parameter(torch.tensor([[[1.0, 0.0, 5.0], [0.0, 3.0, 5.0]]]))
+    W_dec = torch.nn.Parameter(torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.7, 0.7]]]))
+    b_enc = torch.nn.Parameter(torch.tensor([[0.1, 0.2, 0.3]]))
+    opt = torch.optim.Adam([W_enc, W_dec, b_enc], lr=0.0)  # moments filled, weights unchanged
+    for p_ in (W_enc, W_dec, b_enc):
+        p_.grad = torch.ones_like(p_)
+    opt.step()
+    x = torch.tensor([[1.0, 1.0], [3.0, 4.0]])
+    x_hat = torch.tensor([[[1.0, 1.0], [0.0, 0.0]]])
+    dead = torch.tensor([[False, False, True]])
+    counts = resample_dead_latents(W_enc, W_dec, b_enc, dead, x, x_hat, [torch.Generator().manual_seed(0)], opt)
+    assert counts.tolist() == [1]
+    torch.testing.assert_close(W_dec[0, 2], torch.tensor([0.6, 0.8]))
+    torch.testing.assert_close(W_enc[0, :, 2], torch.tensor([0.24, 0.32]))
+    assert b_enc[0].tolist() == pytest.approx([0.1, 0.2, 0.0])
+    assert W_dec[0, :2].tolist() == [[1.0, 0.0], [0.0, 1.0]] and W_enc[0, :, :2].tolist() == [[1.0, 0.0], [0.0, 3.0]]
+    for p_, where in ((W_dec, (0, 2)), (b_enc, (0, 2)), (W_enc, (0, slice(None), 2))):
+        for key in ("exp_avg", "exp_avg_sq"):
+            state = opt.state[p_][key]
+            assert state[where].abs().sum() == 0 and state.abs().sum() > 0
+
+
+def test_decoder_norm_l1_and_clipping_train_exactly_as_saelens():
+    # Oracle: SAELens' StandardTrainingSAE (loss = sum_j MSE + l1 * sum_i f_i |W_dec_i|, no decoder projection)
+    # trained by hand as its SAETrainer does (Adam, clip_grad_norm_). Its loss is d_in x ours with l1 x d_in, so
+    # Adam follows the same path (up to eps) when our per-member clip is its clip / d_in.
+    pytest.importorskip("sae_lens")
+    from sae_lens.saes.sae import TrainStepInput
+    from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
+
+    d_in, d_sae, l1, clip = 6, 12, [0.01, 0.05], 0.05
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(32, d_in, generator=g) * 2 + 0.5 for _ in range(6)]
+    ens = SAEEnsemble("standard", d_in, d_sae, {"l1_coefficient": l1}, seeds=[0, 1], decoder_norm_l1=True)
+    with torch.no_grad():
+        ens.W_dec.mul_(torch.tensor([0.3, 2.0]).view(2, 1, 1))   # off unit norm: the weighting matters
+        ens.b_enc.fill_(0.05)
+    saes = []
+    for i, v in enumerate(l1):
+        sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=d_in, d_sae=d_sae, l1_coefficient=v * d_in))
+        sae.load_state_dict(ens.member_weights(i), strict=False)
+        saes.append((sae, torch.optim.Adam(sae.parameters(), lr=1e-2, eps=1e-12)))
+    opt = torch.optim.Adam(ens.parameters(), lr=1e-2, eps=1e-12 / d_in)
+    clipped = 0
+    for x in batches:
+        ens.zero_grad()
+        total, _ = loss_and_stats(ens, ens, x, len(x), 1.0)
+        total.backward()
+        clipped += int((clip_grad_norm_per_member(ens.parameters(), 1e9) > clip).sum())
+        opt.zero_grad()
+        train_step(ens, opt, x, grad_clip_norm=clip)
+        for sae, sae_opt in saes:
+            sae_opt.zero_grad()
+            out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={"l1": sae.cfg.l1_coefficient},
+                                                           dead_neuron_mask=None, n_training_steps=0,
+                                                           is_logging_step=False))
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), clip * d_in)
+            sae_opt.step()
+    assert clipped > 0                                           # the clip was active on some steps
+    for i, (sae, _) in enumerate(saes):
+        for name, value in ens.member_weights(i).items():
+            torch.testing.assert_close(value, getattr(sae, name).detach(), atol=2e-5, rtol=1e-4)
+
+
+def test_auxk_gives_dead_latents_gradient_and_members_stay_independent():
+    d_in, d_sae = 4, 32
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(4, d_in, generator=g) for _ in range(3)]
+    dead = torch.zeros(2, d_sae, dtype=torch.bool)
+    dead[0, 16:] = True
+    dead[1, :16] = True
+
+    def make(members, seeds):
+        return SAEEnsemble("topk", d_in, d_sae, {"k": members}, seeds=seeds, auxk_coefficient=1 / 32, k_aux=2)
+
+    ens = make([2, 3], [0, 1])
+    x_hat, f, pre = ens(xs[0], return_pre=True)
+    total, stats = loss_and_stats(ens, ens, xs[0], 4, 1.0, dead)
+    expected = auxk_loss(pre, dead, xs[0].unsqueeze(0) - x_hat, ens.W_dec, 2)
+    torch.testing.assert_close(stats["auxk"], expected)
+    torch.testing.assert_close(stats["loss"], stats["mse"] + expected / 32)
+    total.backward()
+    # decoder rows of latents the top-k never picked get gradient only through AuxK
+    never_picked = dead & ~stats["fired"]
+    assert (ens.W_dec.grad[never_picked].abs().sum(-1) > 0).sum() >= 2
+    ens.zero_grad()
+    loss_and_stats(ens, ens, xs[0], 4, 1.0, None)[0].backward()
+    assert ens.W_dec.grad[never_picked].abs().sum() == 0
+    # the ensemble equals each member alone (same seed, same dead mask) over three Adam steps
+    opt = torch.optim.Adam(ens.parameters(), lr=1e-2)
+    alone = [make([k], [s]) for k, s in ((2, 0), (3, 1))]
+    opts = [torch.optim.Adam(a.parameters(), lr=1e-2) for a in alone]
+    for x in xs:
+        train_step(ens, opt, x, dead=dead)
+        for i, (a, o) in enumerate(zip(alone, opts)):
+            train_step(a, o, x, dead=dead[i : i + 1])
+    for i, a in enumerate(alone):
+        for name, value in a.member_weights(0).items():
+            torch.testing.assert_close(ens.member_weights(i)[name], value, atol=1e-6, rtol=1e-5)

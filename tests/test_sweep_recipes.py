@@ -1,0 +1,88 @@
+"""Training recipes wired into the sweep: the learning-rate schedule (warm-up restarted at every resampling, case T4,
+and decay), resampling and AuxK with their dead-latent state surviving a checkpoint, and the b_dec inits."""
+
+import json
+
+import pytest
+import torch
+
+import saetool.sweep as sweep_mod
+from saetool.config import SweepConfig
+from saetool.io import load_sweep
+from saetool.recipes import geometric_median
+from saetool.store import ActivationStore
+from tests.synthetic import write_store
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    g = torch.Generator().manual_seed(0)
+    acts = torch.randn(600, 8, generator=g) * torch.linspace(0.5, 3, 8) + 1.0
+    path = tmp_path_factory.mktemp("store") / "s.zarr"
+    write_store(path, acts, context_size=4, chunk_size=40)
+    return path
+
+
+def sweep(store, out, log=None, ratio=2, **kw):
+    cfg = SweepConfig(dataset_dir=str(store), output_dir=str(out), ratio=ratio, batch_size=30, eval_tokens=40,
+                      adam_lr=0.01, device="cpu", report=False, **kw)
+    return sweep_mod.run_sweep(cfg, log=log or (lambda *a: None))
+
+
+def test_lr_warmup_restarts_at_every_resampling_and_decays(store, tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep_mod, "LOG_EVERY", 1)
+    lines = []
+    # d_sae 64 and k 1, 2: at most 60 latents fire in a batch of 30, so some are dead (window: one batch) at
+    # every resampling
+    sweep(store, tmp_path / "out", log=lines.append, ratio=8, architecture="topk", k_values=[1, 2], lr_warmup_steps=4,
+          lr_decay_steps=5, resample_every=8, dead_window=30)
+    log = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").open()]
+    # 19 steps (560 training rows / 30); step s (0-based) uses min(1, (s - r) / 4) * min(1, (19 - s) / 5), r the
+    # last resampling step <= s (8, 16)
+    hand = [0, .25, .5, .75, 1, 1, 1, 1, 0, .25, .5, .75, 1, 1, 1, .8, 0, .25 * .4, .5 * .2]
+    assert [r["step"] for r in log] == list(range(1, 20))
+    assert [r["lr"] for r in log] == pytest.approx([0.01 * v for v in hand])
+    resampled = [line for line in lines if "resampled" in line]
+    assert [line.split(":")[0] for line in resampled] == ["step 8", "step 16"]
+
+
+def test_resume_with_auxk_and_resampling_equals_uninterrupted(store, tmp_path, monkeypatch):
+    kw = dict(architecture="topk", k_values=[2, 3], auxk_coefficient=1 / 32, k_aux=4, resample_every=7,
+              dead_window=60, grad_clip_norm=0.5)
+    sweep(store, tmp_path / "ref", **kw)
+    real_step, calls = sweep_mod.train_step, {"n": 0}
+
+    def crashing_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 13:
+            raise KeyboardInterrupt("killed")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(sweep_mod, "train_step", crashing_step)
+    with pytest.raises(KeyboardInterrupt):
+        sweep(store, tmp_path / "out", checkpoint_every=5, **kw)
+    monkeypatch.setattr(sweep_mod, "train_step", real_step)
+    state = torch.load(tmp_path / "out" / "checkpoint" / "step_10" / "rank0.pt", weights_only=False)
+    assert state["dead_since"].shape == (2, 16) and state["dead_since"].max() > 0
+    sweep(store, tmp_path / "out", checkpoint_every=5, resume=True, **kw)
+    a, b = load_sweep(tmp_path / "ref"), load_sweep(tmp_path / "out")
+    for key in a:
+        for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+            assert torch.equal(getattr(a[key], name), getattr(b[key], name)), (key, name)
+
+
+def test_b_dec_init_geometric_median_and_mean(store):
+    s = ActivationStore.open(store)
+    hook = s.resolve_hook(None)
+    rows = (0, 560)
+    x = s.read_rows(hook, *rows, torch.float64)
+    torch.testing.assert_close(sweep_mod._b_dec_init("mean", s, hook, rows), x.mean(0).float())
+    median = sweep_mod._b_dec_init("geometric_median", s, hook, rows)
+    torch.testing.assert_close(median, geometric_median(x).float())
+    # the geometric median minimises the summed distances: moving it in any axis direction costs more
+    cost = lambda m: (x - m.double()).norm(dim=-1).sum()  # noqa: E731
+    for j in range(8):
+        step = torch.zeros(8)
+        step[j] = 1e-2
+        assert cost(median) < cost(median + step) and cost(median) < cost(median - step)
+    assert sweep_mod._b_dec_init("zeros", s, hook, rows) is None

@@ -7,9 +7,13 @@ the machine's matmul peak measured in the same run.
 Every variant trains the same members (16 L1 values, ratio 8 -> d_sae 4608 for d_in 576) on the same stored
 batches (batch 4096) for `--steps` timed steps after `--warmup` untimed ones, and reports SAE-tokens/s
 (members x tokens / s), achieved FLOP/s counting the five matmuls a step needs (10 x batch x d_in x d_sae per
-member) against a `torch.mm` peak of the same shape, and each variant's FVU on held-out rows afterwards
-(saetool and the loop train identical SAEs; SAELens' standard SAE has its own loss: MSE summed over d_in, L1
-weighted by decoder norms, no unit-norm constraint, so its FVU is shown for reference).
+member) against a `torch.mm` peak of the same shape, and each variant's FVU on held-out rows afterwards.
+
+Every variant optimises the SAME objective from the SAME initial weights, so the comparison is at equal FVU:
+SAELens' standard training loss (MSE summed over d_in, L1 weighted by decoder norms, no unit-norm projection,
+gradients clipped to norm 1 per SAE as its SAETrainer does). saetool runs it as `--decoder_norm_l1` with
+`--grad_clip_norm 1/d_in` and L1 / d_in (its MSE is a mean over d_in, so its loss is SAELens' / d_in; Adam
+follows the same path). The table's last column is the largest relative FVU difference to SAELens.
 Writes runs/bench/sweep.json and runs/bench/sweep.md.
 """
 
@@ -55,7 +59,7 @@ def timed(step, batches, warmup: int) -> float:
 
 
 class PlainSAE(nn.Module):
-    """One textbook SAE (the loop baseline): same init, loss and unit-norm projection as saetool's members."""
+    """One textbook SAE (the loop baseline): same init and loss as saetool's members (decoder-norm L1)."""
 
     def __init__(self, d_in, d_sae, seed, l1):
         super().__init__()
@@ -70,18 +74,19 @@ class PlainSAE(nn.Module):
 
     def loss(self, x):
         x_hat, f = self(x)
-        return ((x_hat - x) ** 2).mean() + self.l1 * f.sum(-1).mean()
+        return ((x_hat - x) ** 2).mean() + self.l1 * (f * self.W_dec.norm(dim=-1)).sum(-1).mean()
 
 
 def run_saetool(variant, l1, d_in, d_sae, mean, batches, eval_x, warmup, group=4, compile_=False, autocast=False):
-    ens = SAEEnsemble("standard", d_in, d_sae, {"l1_coefficient": l1}, seeds=list(range(len(l1))))
+    ens = SAEEnsemble("standard", d_in, d_sae, {"l1_coefficient": l1}, seeds=list(range(len(l1))), decoder_norm_l1=True)
+    clip = 1.0 / d_in
     ens.set_b_dec(mean)
-    opt = torch.optim.Adam(ens.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(ens.parameters(), lr=1e-3, eps=1e-8 / d_in)  # SAELens eps 1e-8 on a loss x d_in
     if variant == "fused":
         fn = torch.compile(fused_loss_and_grads) if compile_ else fused_loss_and_grads
 
         def step(x):
-            train_batch_fused(ens, opt, x, len(x), group, fn)
+            train_batch_fused(ens, opt, x, len(x), group, fn, grad_clip_norm=clip)
     else:
         from saetool.ensemble import loss_and_stats
 
@@ -89,7 +94,7 @@ def run_saetool(variant, l1, d_in, d_sae, mean, batches, eval_x, warmup, group=4
 
         def step(x):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                train_step(ens, opt, x, step_fn=fn)
+                train_step(ens, opt, x, step_fn=fn, grad_clip_norm=clip)
     seconds = timed(step, batches, warmup)
     with torch.no_grad():
         x_hat, _ = ens(eval_x)
@@ -101,7 +106,7 @@ def run_loop(l1, d_in, d_sae, mean, batches, eval_x, warmup, compile_=False, aut
     for s in saes:
         with torch.no_grad():
             s.b_dec.copy_(mean)
-    opts = [torch.optim.Adam(s.parameters(), lr=1e-3) for s in saes]
+    opts = [torch.optim.Adam(s.parameters(), lr=1e-3, eps=1e-8 / d_in) for s in saes]
     losses = [torch.compile(s.loss) if compile_ else s.loss for s in saes]
 
     def step(x):
@@ -109,9 +114,8 @@ def run_loop(l1, d_in, d_sae, mean, batches, eval_x, warmup, compile_=False, aut
             opt.zero_grad()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                 loss(x).backward()
+            nn.utils.clip_grad_norm_(s.parameters(), 1.0 / d_in)
             opt.step()
-            with torch.no_grad():
-                s.W_dec /= s.W_dec.norm(dim=-1, keepdim=True)
 
     seconds = timed(step, batches, warmup)
     with torch.no_grad():
@@ -120,7 +124,8 @@ def run_loop(l1, d_in, d_sae, mean, batches, eval_x, warmup, compile_=False, aut
 
 def run_saelens(l1, d_in, d_sae, mean, batches, eval_x, warmup, compile_=False, autocast=False):
     """SAELens' StandardTrainingSAE trained one SAE after another, each step as its SAETrainer does it:
-    training_forward_pass, backward, clip_grad_norm_(1.0), Adam, with its own init (decoder_init_norm 0.1)."""
+    training_forward_pass, backward, clip_grad_norm_(1.0), Adam; initial weights are saetool's (init_member), so
+    every variant starts from the same point."""
     from sae_lens.saes.sae import TrainStepInput
     from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
 
@@ -129,7 +134,10 @@ def run_saelens(l1, d_in, d_sae, mean, batches, eval_x, warmup, compile_=False, 
         torch.manual_seed(len(saes))
         # SAELens sums the squared error over d_in where saetool averages it: d_in * l1 is the same objective
         sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=d_in, d_sae=d_sae, l1_coefficient=v * d_in))
+        init = init_member(d_in, d_sae, len(saes))
         with torch.no_grad():
+            for name, value in init.items():
+                getattr(sae, name).copy_(value)
             sae.b_dec.copy_(mean)
         saes.append(sae)
         opts.append(torch.optim.Adam(sae.parameters(), lr=1e-3, betas=(0.9, 0.999)))
@@ -188,7 +196,7 @@ def main():
         peak = peak32 if precision == "fp32" else peak16
         rows.append({"variant": name, "precision": precision, "seconds_per_step": seconds,
                      "sae_tokens_per_s": args.n_members * args.batch_size / seconds, "gflops": flops / 1e9,
-                     "fraction_of_peak": flops / peak, "fvu_min": min(fvus), "fvu_max": max(fvus)})
+                     "fraction_of_peak": flops / peak, "fvu_min": min(fvus), "fvu_max": max(fvus), "fvu": fvus})
         print(f"  {name:38s} {precision}  {rows[-1]['sae_tokens_per_s']:8.0f} SAE-tok/s  {flops / peak:5.0%} of peak"
               f"  FVU {min(fvus):.4f}..{max(fvus):.4f}", flush=True)
 
@@ -211,13 +219,17 @@ def main():
         if "saelens" not in skip:
             record("SAELens, bf16 autocast", "bf16", *run_saelens(*common, autocast=True))
 
-    base = {r["precision"]: r["sae_tokens_per_s"] for r in rows if r["variant"].startswith("SAELens")}
-    lines = ["| variant | precision | SAE-tokens/s | GFLOP/s | % of mm peak | vs SAELens | held-out FVU |",
-             "|---|---|---:|---:|---:|---:|---|"]
+    saelens = {r["precision"]: r for r in rows if r["variant"].startswith("SAELens")}
+    lines = ["| variant | precision | SAE-tokens/s | GFLOP/s | % of mm peak | vs SAELens | held-out FVU | "
+             "max rel. FVU diff. vs SAELens |", "|---|---|---:|---:|---:|---:|---|---:|"]
     for r in rows:
-        ratio = r["sae_tokens_per_s"] / base[r["precision"]] if r["precision"] in base else float("nan")
+        ref = saelens.get(r["precision"])
+        ratio = r["sae_tokens_per_s"] / ref["sae_tokens_per_s"] if ref else float("nan")
+        diff = max(abs(a / b - 1) for a, b in zip(r["fvu"], ref["fvu"])) if ref else float("nan")
+        r["fvu_rel_diff_vs_saelens"] = diff
         lines.append(f"| {r['variant']} | {r['precision']} | {r['sae_tokens_per_s']:.0f} | {r['gflops']:.0f} | "
-                     f"{100 * r['fraction_of_peak']:.0f}% | {ratio:.2f}x | {r['fvu_min']:.4f}..{r['fvu_max']:.4f} |")
+                     f"{100 * r['fraction_of_peak']:.0f}% | {ratio:.2f}x | {r['fvu_min']:.4f}..{r['fvu_max']:.4f} | "
+                     f"{100 * diff:.2f}% |")
     header = (f"d_in {d_in}, d_sae {d_sae}, {args.n_members} members (L1 1e-3..1e-1), batch {args.batch_size}, "
               f"{args.steps} timed steps after {args.warmup} warm-up; torch.mm peak fp32 {peak32 / 1e9:.0f}, "
               f"bf16 {peak16 / 1e9:.0f} GFLOP/s; {torch.get_num_threads()} threads")

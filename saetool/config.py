@@ -15,6 +15,7 @@ from functools import cache
 
 
 def _default_device() -> str:
+    """cuda if available, else cpu"""
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -254,6 +255,19 @@ def help_text(cls) -> str:
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         lines.append(f"  --{f.name} ({default!r}): {field_docs(cls).get(f.name, '')}")
+    return "\n".join(lines)
+
+
+def markdown_flags(cls) -> str:
+    """The README's flag table of a config dataclass: | `--name` | `default` | help | (a computed default shows
+    its factory's docstring). tests/test_config.py checks that README.md holds it verbatim."""
+    lines = ["| flag | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        else:  # a factory with a docstring describes a computed default; lambdas give their value
+            default = f.default_factory.__doc__ or f.default_factory()
+        lines.append(f"| `--{f.name}` | `{default}` | {field_docs(cls).get(f.name, '')} |")
     return "\n".join(lines)
 
 

@@ -6,6 +6,8 @@ For member m (shapes without the member axis; x [B, d_in], n = global batch size
     f     = act(pre)                                    ReLU, or ReLU of the top-k (saetool.saes)
     x_hat = f W_dec + b_dec                             [B, D]
     loss  = sum (x_hat - x)^2 / (n D) + l1 * sum f / n  (f >= 0, so sum f = sum |f|)
+            (decoder_norm_l1: l1 * sum_{b,i} f_bi r_i / n with r_i = ||W_dec_i||, so g_f gets l1 r_i / n and
+            dW_dec_i gets l1 (sum_b f_bi) / n * W_dec_i / r_i)
 
     g_xhat  = 2 (x_hat - x) / (n D)
     dW_dec  = f^T g_xhat                 db_dec  = sum_rows g_xhat - (sum_rows g_pre) W_enc^T
@@ -40,12 +42,12 @@ def fused_loss_and_grads(ensemble: SAEEnsemble, x: torch.Tensor, n_total: int, g
     losses are normalised by (see SAEEnsemble.losses); group_size: members per batched matmul.
     Returns {"loss", "mse", "sparsity", "l0"} each [n_members] (normalised by n_total) and "fired" [n_members,
     d_sae], as loss_and_stats.
-    Raises ValueError for architectures without a fused kernel, decoder_norm_l1 or AuxK (use the autograd path).
+    Raises ValueError for architectures without a fused kernel, or AuxK (use the autograd path).
     """
     if ensemble.architecture not in FUSED_ARCHITECTURES:
         raise ValueError(f"no fused kernel for architecture {ensemble.architecture!r}")
-    if ensemble.decoder_norm_l1 or ensemble.auxk_coefficient:
-        raise ValueError("the fused kernel has no decoder-norm L1 or AuxK; use the autograd path")
+    if ensemble.auxk_coefficient:
+        raise ValueError("the fused kernel has no AuxK; use the autograd path")
     W_enc, W_dec, b_enc, b_dec = ensemble.W_enc, ensemble.W_dec, ensemble.b_enc, ensemble.b_dec
     params = [W_dec, b_enc, b_dec] + ([] if ensemble.tied else [ensemble.W_enc_param])
     for p in params:
@@ -71,14 +73,21 @@ def fused_loss_and_grads(ensemble: SAEEnsemble, x: torch.Tensor, n_total: int, g
         active = f > 0
         stats["l0"][g] = active.sum((1, 2)).float() / n_total
         fired[g] = active.any(1)
+        # the L1 weight of latent i: 1, or ||W_dec_i|| with decoder_norm_l1
+        norms = Wd.norm(dim=-1) if ensemble.decoder_norm_l1 else None                      # [G, S]
         if l1 is not None:
-            stats["sparsity"][g] = l1[g] * f.sum((1, 2)) / n_total
+            f_sum = f.sum(1)                                                                 # [G, S]
+            weighted = f_sum if norms is None else f_sum * norms
+            stats["sparsity"][g] = l1[g] * weighted.sum(-1) / n_total
         g_xhat = e.mul_(2.0 * grad_scale / (n_total * d))
         gW_dec[g] = torch.bmm(f.transpose(1, 2), g_xhat)
         del f
         g_pre = torch.bmm(g_xhat, Wd.transpose(1, 2))                                       # g_f [G, B, S]
         if l1 is not None:
-            g_pre.add_((l1[g] * (grad_scale / n_total)).view(-1, 1, 1))
+            c = (l1[g] * (grad_scale / n_total)).view(-1, 1)                                 # [G, 1]
+            g_pre.add_((c if norms is None else c * norms).unsqueeze(1))
+            if norms is not None:  # d/dW_dec_i of l1 sum_b f_bi ||W_dec_i|| / n
+                gW_dec[g] += (c * f_sum / norms.clamp_min(1e-12)).unsqueeze(-1) * Wd
         g_pre.mul_(active)
         del active
         s = g_pre.sum(1)                                                                     # [G, S]

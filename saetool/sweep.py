@@ -219,12 +219,11 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict | None:
     coefficient = next((h for h in ("l1_coefficient", "l0_coefficient") if h in ensemble.hyperparams), None)
     optimizer = torch.optim.Adam(ensemble.parameters(), lr=cfg.adam_lr)
     data_parallel = cfg.parallel == "data" and dist.active
-    autograd_only = cfg.autocast != "none" or cfg.decoder_norm_l1 or cfg.auxk_coefficient
+    autograd_only = cfg.autocast != "none" or cfg.auxk_coefficient
     fused = cfg.kernel == "fused" or (cfg.kernel == "auto" and cfg.architecture in FUSED_ARCHITECTURES
                                       and not autograd_only)
     if fused and autograd_only:
-        raise ValueError("--kernel fused has no --autocast, --decoder_norm_l1 or --auxk_coefficient; use --kernel "
-                         "autograd (or auto)")
+        raise ValueError("--kernel fused has no --autocast or --auxk_coefficient; use --kernel autograd (or auto)")
     # the fused kernel sums its gradients over ranks itself; the autograd path uses DDP
     model = ensemble
     if data_parallel and not fused:

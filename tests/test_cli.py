@@ -56,3 +56,14 @@ def test_help_lists_every_flag_and_exits_0():
     assert all(f"--{name} " in r.stdout for name in GenerateConfig.__dataclass_fields__)
     r = run_cli("sweep", "--help")
     assert r.returncode == 0 and "--ratio (4.0): Dictionary size over input size" in r.stdout
+
+
+def test_readme_flag_tables_match_the_config_docstrings():
+    # the README's tables are saetool.config.markdown_flags verbatim: a new or changed flag must update both
+    from pathlib import Path
+
+    from saetool.config import GenerateConfig, SweepConfig, markdown_flags
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for cls in (GenerateConfig, SweepConfig):
+        assert markdown_flags(cls) in readme, f"README flag table of {cls.__name__} is stale"

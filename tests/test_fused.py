@@ -7,15 +7,18 @@ from saetool.ensemble import SAEEnsemble, loss_and_stats
 from saetool.fused import fused_loss_and_grads
 
 
-@pytest.mark.parametrize("architecture,values,tied,group", [
-    ("standard", [0.0, 1e-2, 3e-1], False, 1),
-    ("standard", [0.0, 1e-2, 3e-1], False, 2),
-    ("standard", [1e-3, 1e-1], True, 4),
-    ("topk", [1, 3, 9], False, 2),
+@pytest.mark.parametrize("architecture,values,tied,group,decoder_norm_l1", [
+    ("standard", [0.0, 1e-2, 3e-1], False, 1, False),
+    ("standard", [0.0, 1e-2, 3e-1], False, 2, False),
+    ("standard", [1e-3, 1e-1], True, 4, False),
+    ("topk", [1, 3, 9], False, 2, False),
+    ("standard", [0.0, 1e-2, 3e-1], False, 2, True),
+    ("standard", [1e-3, 1e-1], True, 1, True),
 ])
-def test_fused_gradients_equal_autograd(architecture, values, tied, group):
+def test_fused_gradients_equal_autograd(architecture, values, tied, group, decoder_norm_l1):
     key = "k" if architecture == "topk" else "l1_coefficient"
-    ens = SAEEnsemble(architecture, 6, 24, {key: values}, seeds=[3, 4, 5][: len(values)], tied=tied).double()
+    ens = SAEEnsemble(architecture, 6, 24, {key: values}, seeds=[3, 4, 5][: len(values)], tied=tied,
+                      decoder_norm_l1=decoder_norm_l1).double()
     with torch.no_grad():  # move off the symmetric init so every term of the gradient is non-trivial
         for p in ens.parameters():
             p.add_(torch.randn_like(p) * 0.1)

@@ -132,7 +132,7 @@ def main() -> None:
                 runs.setdefault(name, []).append(generate(f"{name}-{r}", layers=layers))
             if r % 2 == 1:
                 bare_run()
-        median = lambda xs: float(np.median(xs))  # noqa: E731
+        median = lambda xs: float(np.median(xs))
         single_tps = [x["tokens_per_s"] for x in runs["single"]]
         overhead = median([b / o - 1 for b, o in zip(bare, single_tps)])
         in_run = median([x["outside_forward"] for x in runs["single"]])

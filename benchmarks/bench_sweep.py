@@ -36,22 +36,31 @@ from saetool.store import ActivationStore
 from saetool.sweep import train_batch_fused
 
 
-def matmul_peak(batch: int, d_in: int, d_sae: int, dtype: torch.dtype, repeats: int = 5) -> float:
-    """FLOP/s of torch.mm [batch, d_in] @ [d_in, d_sae] (the SAE encoder's shape), best of `repeats`."""
-    a, b = torch.randn(batch, d_in, dtype=dtype), torch.randn(d_in, d_sae, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
+def matmul_peak(batch: int, d_in: int, d_sae: int, dtype: torch.dtype, repeats: int = 10) -> float:
+    """The machine's matmul peak for this step: the best FLOP/s of torch.mm over the three shapes a step multiplies
+    ([batch, d_in] @ [d_in, d_sae], [batch, d_sae] @ [d_sae, d_in], [d_in, batch] @ [batch, d_sae]), best of
+    `repeats` each."""
+    best = 0.0
+    for m, k, n in ((batch, d_in, d_sae), (batch, d_sae, d_in), (d_in, batch, d_sae)):
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
         a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * batch * d_in * d_sae / best
+        for _ in range(repeats):
+            t = time.perf_counter()
+            a @ b
+            best = max(best, 2 * m * k * n / (time.perf_counter() - t))
+    return best
+
+
+WARMUP_SECONDS: dict[str, float] = {}
 
 
 def timed(step, batches, warmup: int) -> float:
-    """Seconds per step over batches[warmup:] after running batches[:warmup]."""
+    """Seconds per step over batches[warmup:] after running batches[:warmup] (their total time, which holds
+    torch.compile's compilation, goes to WARMUP_SECONDS["last"])."""
+    t = time.perf_counter()
     for x in batches[:warmup]:
         step(x)
+    WARMUP_SECONDS["last"] = time.perf_counter() - t
     t = time.perf_counter()
     for x in batches[warmup:]:
         step(x)
@@ -196,7 +205,8 @@ def main():
         peak = peak32 if precision == "fp32" else peak16
         rows.append({"variant": name, "precision": precision, "seconds_per_step": seconds,
                      "sae_tokens_per_s": args.n_members * args.batch_size / seconds, "gflops": flops / 1e9,
-                     "fraction_of_peak": flops / peak, "fvu_min": min(fvus), "fvu_max": max(fvus), "fvu": fvus})
+                     "fraction_of_peak": flops / peak, "fvu_min": min(fvus), "fvu_max": max(fvus), "fvu": fvus,
+                     "warmup_seconds": WARMUP_SECONDS.get("last")})
         print(f"  {name:38s} {precision}  {rows[-1]['sae_tokens_per_s']:8.0f} SAE-tok/s  {flops / peak:5.0%} of peak"
               f"  FVU {min(fvus):.4f}..{max(fvus):.4f}", flush=True)
 
@@ -234,6 +244,16 @@ def main():
               f"{args.steps} timed steps after {args.warmup} warm-up; torch.mm peak fp32 {peak32 / 1e9:.0f}, "
               f"bf16 {peak16 / 1e9:.0f} GFLOP/s; {torch.get_num_threads()} threads")
     table = header + "\n\n" + "\n".join(lines)
+    compiled = [r for r in rows if "compiled" in r["variant"]]
+    if compiled:
+        c = compiled[0]
+        eager = next(r for r in rows if r["variant"] == c["variant"].replace(" compiled", ""))
+        overhead = c["warmup_seconds"] - 2 * c["seconds_per_step"]
+        saving = eager["seconds_per_step"] - c["seconds_per_step"]
+        c["compile_seconds"] = overhead
+        table += (f"\n\ntorch.compile: ~{overhead:.0f} s to compile (its two warm-up steps minus two compiled steps), "
+                  f"{saving:.2f} s saved per step: pays after ~{overhead / saving:.0f} steps" if saving > 0 else
+                  f"\n\ntorch.compile: ~{overhead:.0f} s to compile, no saving per step")
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import sys
 import textwrap
 from dataclasses import dataclass, field
 from functools import cache
@@ -169,7 +170,8 @@ class SweepConfig:
     member_group: int = 0
     """Members per batched matmul in the fused kernel; 0 = auto (all on CUDA, 4 on CPU; see the benchmark)."""
     compile: bool | None = None
-    """torch.compile the step; None = on for CUDA, off on CPU (see the benchmark)."""
+    """torch.compile the step; None = auto: on CUDA, and on CPU for fused-kernel runs of >= 100 steps (compiling
+    costs tens of seconds once; see the README's benchmark)."""
     autocast: str = "none"
     """Mixed precision for forward/backward: none or bf16 (weights and Adam stay fp32)."""
     report: bool = True
@@ -319,3 +321,20 @@ def build(cls, kwargs: dict):
     cfg = cls(**values)
     cfg.validate()
     return cfg
+
+
+def update_readme_flags(path: str = "README.md") -> None:
+    """Rewrite the flag tables under "### `saetool generate` flags" / "### `saetool sweep` flags" in `path`."""
+    import pathlib
+
+    readme = pathlib.Path(path)
+    text = readme.read_text()
+    for cls, heading in ((GenerateConfig, "### `saetool generate` flags"), (SweepConfig, "### `saetool sweep` flags")):
+        start = text.index("| flag | default | meaning |", text.index(heading))
+        end = text.index("\n\n", start)
+        text = text[:start] + markdown_flags(cls) + text[end:]
+    readme.write_text(text)
+
+
+if __name__ == "__main__":  # python -m saetool.config [README.md]
+    update_readme_flags(*sys.argv[1:2])

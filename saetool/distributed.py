@@ -29,7 +29,7 @@ class Dist:
     world_size: int = 1
 
     @classmethod
-    def current(cls) -> "Dist":
+    def current(cls) -> Dist:
         if tdist.is_available() and tdist.is_initialized():
             return cls(tdist.get_rank(), tdist.get_world_size())
         return cls()
@@ -51,6 +51,14 @@ class Dist:
         if self.active:
             tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
         return t
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        """[world_size, *t.shape]: every rank's `t` (same shape and dtype on every rank), stacked in rank order."""
+        if not self.active:
+            return t.unsqueeze(0)
+        out = [torch.empty_like(t) for _ in range(self.world_size)]
+        tdist.all_gather(out, t.contiguous())
+        return torch.stack(out)
 
     def all_gather_objects(self, obj) -> list:
         """[obj of rank 0, obj of rank 1, ...] on every rank (picklable objects, e.g. CPU tensors)."""

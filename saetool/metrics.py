@@ -27,13 +27,13 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "FiringCounter",
+    "ReconstructionStats",
+    "explained_variance",
+    "fvu",
     "l0_norm",
     "l1_norm",
     "l2_norm",
-    "fvu",
-    "explained_variance",
-    "FiringCounter",
-    "ReconstructionStats",
 ]
 
 

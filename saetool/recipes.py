@@ -13,7 +13,6 @@ from collections.abc import Iterable
 
 import torch
 
-
 # ---- schedules ------------------------------------------------------------------------------------------------
 
 def lr_multiplier(step: int, warmup_steps: int = 0, total_steps: int | None = None, decay_steps: int = 0,

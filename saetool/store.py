@@ -198,7 +198,7 @@ class ActivationStore:
     # ---- opening -------------------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | os.PathLike, require_complete: bool = True,
-             array: str | None = None) -> "ActivationStore | ZarrArrayRows":
+             array: str | None = None) -> ActivationStore | ZarrArrayRows:
         """Open an existing store for reading.
 
         With `array`, return instead a `ZarrArrayRows` over the 2-D array `array` of the Zarr group at `path`
@@ -232,7 +232,7 @@ class ActivationStore:
         return store
 
     @classmethod
-    def create_or_resume(cls, path: str | os.PathLike, spec: StoreSpec) -> "ActivationStore":
+    def create_or_resume(cls, path: str | os.PathLike, spec: StoreSpec) -> ActivationStore:
         """Create a new store for `spec`, or reopen a partial one written with the same spec.
 
         A folder holding anything else (another spec, a foreign Zarr group, other files) is refused with

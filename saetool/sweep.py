@@ -18,6 +18,7 @@ uninterrupted result.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -37,12 +38,24 @@ from saetool.fused import FUSED_ARCHITECTURES, fused_loss_and_grads
 from saetool.io import INDEX_FILE, write_sweep
 from saetool.loader import BatchLoader
 from saetool.metrics import ReconstructionStats
-from saetool.recipes import (DeadLatentTracker, clip_grad_norm_per_member, coefficient_multiplier, fold_normalization,
-                             geometric_median, lr_multiplier, normalization_factor, resample_dead_latents)
+from saetool.recipes import (
+    DeadLatentTracker,
+    clip_grad_norm_per_member,
+    coefficient_multiplier,
+    fold_normalization,
+    geometric_median,
+    lr_multiplier,
+    normalization_factor,
+    resample_dead_latents,
+)
 from saetool.saes import get_architecture
+from saetool.saes._common import global_batch
 from saetool.store import ActivationStore, StoreError
 
 LOG_EVERY = 20
+# --compile auto on CPU: compile the fused step for runs of at least this many steps. benchmarks/bench_sweep.py
+# (16 members, ratio 8, d_in 576, batch 4096, 2 cores): compiling costs ~COMPILE s once and saves ~SAVE s a step.
+CPU_COMPILE_MIN_STEPS = 100
 # Settings that may differ between a checkpointed run and its resumption.
 RESUME_FREE = ("resume", "checkpoint_every", "device", "compile", "kernel", "member_group")
 
@@ -228,13 +241,15 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict | None:
     model = ensemble
     if data_parallel and not fused:
         model = torch.nn.parallel.DistributedDataParallel(ensemble, broadcast_buffers=False)
+    loader = BatchLoader(store, hook, cfg.batch_size, train_rows, seed=cfg.seed, shuffle_chunks=cfg.shuffle_chunks)
+    total_steps = len(loader) * cfg.n_repetitions
     on_cuda = str(device).startswith("cuda")
-    use_compile = cfg.compile if cfg.compile is not None else on_cuda
+    use_compile = cfg.compile
+    if use_compile is None:  # auto: always on CUDA; on CPU for the fused kernel when compiling pays (benchmark)
+        use_compile = on_cuda or (fused and total_steps >= CPU_COMPILE_MIN_STEPS)
     group = cfg.member_group or (len(local) if on_cuda else 4)
     step_fn = _make_step_fn(use_compile, cfg.autocast, torch.device(device).type)
     fused_fn = torch.compile(fused_loss_and_grads) if (fused and use_compile) else fused_loss_and_grads
-    loader = BatchLoader(store, hook, cfg.batch_size, train_rows, seed=cfg.seed, shuffle_chunks=cfg.shuffle_chunks)
-    total_steps = len(loader) * cfg.n_repetitions
     restarts = range(cfg.resample_every, total_steps, cfg.resample_every) if cfg.resample_every else ()
     tracker = None
     if cfg.auxk_coefficient or cfg.resample_every:
@@ -291,9 +306,12 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict | None:
                 stats = train_batch_fused(ensemble, optimizer, x_local, len(x), group, fused_fn,
                                           dist if data_parallel else None, cfg.grad_clip_norm)
             else:
-                stats = train_step(ensemble, optimizer, x_local, n_total=len(x), step_fn=step_fn, model=model,
-                                   loss_scale=dist.world_size if data_parallel else 1.0, dead=dead,
-                                   grad_clip_norm=cfg.grad_clip_norm)
+                # data-parallel BatchTopK selects over the global batch (saetool.saes._common.global_batch)
+                batch_ctx = global_batch(len(x), dist.all_gather) if data_parallel else contextlib.nullcontext()
+                with batch_ctx:
+                    stats = train_step(ensemble, optimizer, x_local, n_total=len(x), step_fn=step_fn, model=model,
+                                       loss_scale=dist.world_size if data_parallel else 1.0, dead=dead,
+                                       grad_clip_norm=cfg.grad_clip_norm)
             fired = stats.pop("fired")
             steps += 1
             if tracker is not None:

@@ -252,3 +252,35 @@ def test_a_plain_sae_lens_jumprelu_checkpoint_loads():
     x = torch.randn(5, 4, generator=g)
     pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
     torch.testing.assert_close(sae.encode(x), pre * (pre > 0.3))
+
+
+def test_batch_topk_over_a_global_batch_split_across_two_ranks():
+    # Two "ranks" hold 5 and 3 rows of an 8-row batch; each keeps exactly its entries among the k * 8 largest
+    # of the whole batch (candidates merged through `gather`), and both see the same global minimum kept.
+    from saetool.saes._common import batch_topk, global_batch
+
+    g = torch.Generator().manual_seed(0)
+    acts = torch.relu(torch.randn(2, 8, 6, generator=g))                     # 2 members, k = 1 and 3
+    k = torch.tensor([1, 3])
+    parts = (acts[:, :5], acts[:, 5:])
+    sent = {}
+
+    def capture(rank):
+        def gather(t):
+            sent[rank] = t
+            return torch.stack([t, t])
+        return gather
+
+    for r, part in enumerate(parts):            # first pass: what each rank sends
+        with global_batch(8, capture(r)):
+            batch_topk(part, k)
+    outs, kept = [], []
+    for r, part in enumerate(parts):
+        with global_batch(8, lambda t: torch.stack([sent[0], sent[1]])) as ctx:
+            outs.append(batch_topk(part, k))
+            kept.append(ctx.kept_min)
+    expected = batch_topk(acts, k)
+    assert torch.equal(torch.cat(outs, dim=1), expected)
+    assert torch.equal((expected != 0).sum((1, 2)), torch.minimum(k * 8, (acts > 0).sum((1, 2))))
+    smallest = torch.where(expected > 0, expected, torch.full_like(expected, float("inf"))).flatten(1).amin(-1)
+    assert torch.equal(kept[0], smallest) and torch.equal(kept[1], smallest)

@@ -66,4 +66,4 @@ def test_readme_flag_tables_match_the_config_docstrings():
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     for cls in (GenerateConfig, SweepConfig):
-        assert markdown_flags(cls) in readme, f"README flag table of {cls.__name__} is stale"
+        assert markdown_flags(cls) in readme, f"README flag table of {cls.__name__} is stale: python -m saetool.config"

@@ -137,3 +137,18 @@ def test_resume_after_sigkill_with_compiled_step(store, reference, tmp_path):
         assert not (tmp_path / "out" / "sweep.json").exists()
         subprocess.run(cmd + ["--resume=True"], cwd=ROOT, check=True, capture_output=True, timeout=240)
     assert_same_saes(tmp_path / "out", reference, atol=1e-5)  # compiled vs eager: within float tolerance
+
+
+def test_data_parallel_batchtopk_selects_over_the_global_batch(store, tmp_path):
+    # Each rank holds 15 of the 30 rows of a batch; the k * 30 kept activations are chosen over all 30 rows
+    # (candidates merged across ranks), and the inference threshold is updated from the global minimum kept, so
+    # weights and thresholds equal one process (a per-rank top-k would keep a different set and diverge).
+    kw = {"architecture": "batchtopk", "k_values": "2,5"}
+    single(store, tmp_path / "one", **{**kw, "k_values": [2, 5]})
+    launch(2, flags(store, tmp_path / "two", parallel="data", **kw))
+    assert read_index(tmp_path / "two")["training"]["world_size"] == 2
+    one, two = load_sweep(tmp_path / "one"), load_sweep(tmp_path / "two")
+    assert sorted(one) == sorted(two) == [2, 5]
+    for k in one:
+        for name in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold"):
+            torch.testing.assert_close(getattr(two[k], name), getattr(one[k], name), atol=1e-5, rtol=0, msg=name)

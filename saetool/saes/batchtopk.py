@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from saetool.saes._common import affine_pre, batch_topk, decode, jump, mse_per_token
+from saetool.saes._common import affine_pre, batch_topk, decode, jump, kept_minimum, mse_per_token
 
 NAME = "batchtopk"
 SWEEP_PARAM = "k"
@@ -63,9 +63,9 @@ def loss_terms(w: dict[str, torch.Tensor], x: torch.Tensor, x_hat: torch.Tensor,
 def update_buffers(buffers: dict[str, torch.Tensor], f: torch.Tensor, hp: dict[str, torch.Tensor]) -> None:
     """Update theta [N] in place from a training batch's latents f [N, batch, d_sae] (see the module docstring)."""
     theta = buffers["threshold"]
-    kept = torch.where(f > 0, f, torch.full_like(f, float("inf"))).flatten(1).amin(-1).to(theta.dtype)
+    kept = kept_minimum(f).to(theta.dtype)                                # global under data-parallel ranks
     kept = torch.where(torch.isinf(kept), theta.clamp_min(0), kept)       # nothing kept: leave theta
     theta.copy_(torch.where(theta < 0, kept, THRESHOLD_DECAY * theta + (1 - THRESHOLD_DECAY) * kept))
 
 
-__all__ = ["decode", "encode", "loss_terms", "init_extra", "inference_weights", "update_buffers"]
+__all__ = ["decode", "encode", "inference_weights", "init_extra", "loss_terms", "update_buffers"]

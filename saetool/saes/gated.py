@@ -62,4 +62,4 @@ def loss_terms(w: dict[str, torch.Tensor], x: torch.Tensor, x_hat: torch.Tensor,
             "aux": mse_per_token(x_gate, x)}
 
 
-__all__ = ["decode", "encode", "loss_terms", "init_extra", "inference_weights"]
+__all__ = ["decode", "encode", "inference_weights", "init_extra", "loss_terms"]

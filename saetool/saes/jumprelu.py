@@ -109,4 +109,4 @@ def loss_terms(w: dict[str, torch.Tensor], x: torch.Tensor, x_hat: torch.Tensor,
     return {"mse": mse_per_token(x_hat, x), "sparsity": per_member(hp["l0_coefficient"], l0) * l0}
 
 
-__all__ = ["decode", "encode", "loss_terms", "init_extra", "inference_weights"]
+__all__ = ["decode", "encode", "inference_weights", "init_extra", "loss_terms"]

@@ -54,4 +54,4 @@ def loss_terms(w: dict[str, torch.Tensor], x: torch.Tensor, x_hat: torch.Tensor,
     return {"mse": total}
 
 
-__all__ = ["decode", "encode", "loss_terms", "init_extra", "inference_weights", "update_buffers"]
+__all__ = ["decode", "encode", "inference_weights", "init_extra", "loss_terms", "update_buffers"]

@@ -178,6 +178,9 @@ class SweepConfig:
     """After training, write OUTPUT_DIR/report/index.html (plots, member table; `saetool report` has more options)."""
     report_contexts: int = 8
     """Held-out contexts for the report's spliced CE/KL evaluation with the store's model (0 = skip it)."""
+    wandb_project: str | None = None
+    """Also log training statistics and the held-out metrics of every member to this Weights & Biases project
+    (rank 0; needs `pip install wandb`; WANDB_MODE=offline keeps the run on disk)."""
     checkpoint_every: int = 0
     """Save weights, Adam state and data position every N steps (0 = never) to OUTPUT_DIR/checkpoint/."""
     resume: bool = False

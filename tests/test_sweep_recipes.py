@@ -1,5 +1,5 @@
 """Training recipes wired into the sweep: the learning-rate schedule (warm-up restarted at every resampling, case T4,
-and decay), resampling and AuxK with their dead-latent state surviving a checkpoint, and the b_dec inits."""
+and decay), resampling and AuxK with their dead-latent state surviving a checkpoint, the b_dec inits, and the W&B run logger."""
 
 import json
 
@@ -86,3 +86,48 @@ def test_b_dec_init_geometric_median_and_mean(store):
         step[j] = 1e-2
         assert cost(median) < cost(median + step) and cost(median) < cost(median - step)
     assert sweep_mod._b_dec_init("zeros", s, hook, rows) is None
+
+
+def test_wandb_project_logs_every_member_to_a_run(store, tmp_path, monkeypatch):
+    # W&B is not installed offline: a stand-in records what the sweep hands to saetool.wandb_log.WandbLogger
+    from saetool import wandb_log
+
+    calls = {}
+
+    class FakeRun:
+        def __init__(self, names, project, name, config, log):
+            calls.update(names=names, project=project, name=name, lr=config["adam_lr"], train=[], eval=None)
+
+        def log_train(self, step, tokens, stats):
+            calls["train"].append((step, tokens, {k: v.tolist() for k, v in stats.items()}))
+
+        def log_eval(self, metrics):
+            calls["eval"] = metrics
+
+        def finish(self):
+            calls["finished"] = True
+
+    monkeypatch.setattr(wandb_log, "WandbLogger", FakeRun)
+    index = sweep(store, tmp_path / "run1", l1_values=[1e-3, 1e-2], wandb_project="saes")
+    assert calls["project"] == "saes" and calls["name"] == "run1" and calls["lr"] == 0.01
+    assert calls["names"] == [m["path"].split("/")[-1] for m in index["members"]]
+    log = [json.loads(line) for line in (tmp_path / "run1" / "train_log.jsonl").open()]
+    assert [(s, t) for s, t, _ in calls["train"]] == [(r["step"], r["tokens"]) for r in log] == [(1, 30)]
+    assert calls["train"][0][2]["l0"] == log[0]["l0"]
+    assert calls["eval"] == [m["metrics"] for m in index["members"]] and calls["finished"]
+
+
+def test_wandb_project_without_wandb_fails_before_writing(store, tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_wandb(name, *args, **kwargs):
+        if name == "wandb":
+            raise ImportError("No module named 'wandb'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_wandb)
+    with pytest.raises(ValueError, match="pip install wandb"):
+        sweep(store, tmp_path / "run2", wandb_project="saes")
+    assert not (tmp_path / "run2").exists()

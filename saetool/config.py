@@ -111,6 +111,9 @@ class SweepConfig:
     """Initial JumpReLU threshold of every latent (Gemma Scope: 0.001 on normalised inputs)."""
     matryoshka_widths: list[int] | None = None
     """Nested prefix sizes of matryoshka_batchtopk, the last = d_sae; default d_sae/8, /4, /2, 1."""
+    threshold_lr: float = 0.01
+    """batchtopk, matryoshka_batchtopk: EMA rate of the learned inference threshold (SAELens 0.01;
+    dictionary_learning 0.001)."""
     normalize_activations: str = "none"
     """none, or expected_average_only_in: scale inputs so their mean norm is sqrt(d_in) (estimated on up to 65536
     training rows), folded into the saved weights (saved SAEs read raw activations)."""

@@ -76,6 +76,16 @@ def member_hyperparams(cfg: SweepConfig) -> dict[str, list]:
     return {"l1_coefficient": [float(v) for v in np.logspace(cfg.l1_value_min, cfg.l1_value_max, cfg.l1_value_n)]}
 
 
+def _architecture_options(cfg: SweepConfig) -> dict:
+    """The ensemble-wide architecture options given by flags (the others keep their defaults)."""
+    options = {}
+    if cfg.matryoshka_widths:
+        options["matryoshka_widths"] = cfg.matryoshka_widths
+    if cfg.architecture in ("batchtopk", "matryoshka_batchtopk"):
+        options["threshold_lr"] = cfg.threshold_lr
+    return options
+
+
 def split_rows(store: ActivationStore, eval_tokens: int) -> tuple[tuple[int, int], tuple[int, int] | None]:
     """(train_range, eval_range): the last `eval_tokens` rows, rounded up to whole contexts, are held out."""
     n, ctx = store.spec.n_rows, store.spec.context_size
@@ -218,7 +228,7 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict | None:
 
     ensemble = SAEEnsemble(cfg.architecture, d_in, d_sae, {h: [v[i] for i in local] for h, v in hyper.items()},
                            seeds=[cfg.seed + i for i in local], tied=cfg.tied,
-                           options={"matryoshka_widths": cfg.matryoshka_widths} if cfg.matryoshka_widths else None,
+                           options=_architecture_options(cfg),
                            decoder_norm_l1=cfg.decoder_norm_l1, auxk_coefficient=cfg.auxk_coefficient, k_aux=cfg.k_aux
                            ).to(device)
     if cfg.architecture == "jumprelu":

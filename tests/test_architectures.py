@@ -76,13 +76,13 @@ def test_batchtopk_hand_computed_and_threshold():
     torch.testing.assert_close(ens.threshold, torch.tensor([2.0]))            # first update: min kept activation
     losses["loss"].sum().backward()
     torch.testing.assert_close(ens.W_dec.grad, torch.tensor([[[0.0, -1.5], [-0.5, 0.0]]]))
-    ens(torch.tensor([[4.0, 0.0], [0.0, 5.0]]))                               # min kept 4: EMA 0.999
-    torch.testing.assert_close(ens.threshold, torch.tensor([0.999 * 2 + 0.001 * 4]))
+    ens(torch.tensor([[4.0, 0.0], [0.0, 5.0]]))                               # min kept 4: EMA rate 0.01
+    torch.testing.assert_close(ens.threshold, torch.tensor([0.99 * 2 + 0.01 * 4]))
     ens.eval()
-    f_inf = ens.encode(torch.tensor([[3.0, 1.0], [0.5, 2.0]]))                 # inference: pre > 2.002
+    f_inf = ens.encode(torch.tensor([[3.0, 1.0], [0.5, 2.0]]))                 # inference: pre > 2.02
     torch.testing.assert_close(f_inf, torch.tensor([[[3.0, 0.0], [0.0, 0.0]]]))
     w = ens.member_weights(0)
-    torch.testing.assert_close(w["threshold"], torch.full((2,), 2.002))
+    torch.testing.assert_close(w["threshold"], torch.full((2,), 2.02))
 
 
 def test_batchtopk_batch_sizes_differ_per_row_and_members_keep_their_k():
@@ -161,7 +161,7 @@ class PlainBatchTopK(PlainSAE):
         v, i = acts.flatten().topk(self.k * x.shape[0])
         f = torch.zeros(acts.numel()).scatter(0, i, v).view_as(acts)
         kept = f[f > 0].min().item()
-        self.theta = kept if self.theta is None else 0.999 * self.theta + 0.001 * kept
+        self.theta = kept if self.theta is None else 0.99 * self.theta + 0.01 * kept
         return sum(self.mse(f[:, :m] @ self.W_dec[:m] + self.b_dec, x) for m in self.widths)
 
 

@@ -9,8 +9,10 @@ Training (a batch X [B, d_in]):
 Inference (one token at a time; the paper's section 3): a global threshold theta replaces the batch top-k,
     f = pre * 1[pre > theta]                                       i.e. a JumpReLU with theta for every latent,
 where theta is a running estimate of the smallest kept activation: after each training step,
-    theta <- min_{kept} f       on the first step,   theta <- 0.999 theta + 0.001 min_{kept} f   afterwards
-(the dictionary_learning recipe; theta is a buffer [n_members], -1 = not yet set). The SAE is saved for
+    theta <- min_{kept} f       on the first step,   theta <- (1 - r) theta + r min_{kept} f   afterwards
+with r = the `threshold_lr` option (default 0.01 as SAELens' topk_threshold_lr; dictionary_learning uses 0.001,
+whose estimate stays close to the first batches' for runs of a few hundred steps); theta is a buffer [n_members],
+-1 = not yet set. The SAE is saved for
 inference as architecture "jumprelu" (W_enc, W_dec, b_enc, b_dec, threshold = theta repeated [d_sae]), as
 SAELens does. Per-member hyperparameter: `k`.
 """
@@ -28,7 +30,17 @@ HYPERPARAM_DEFAULTS: dict = {}
 INFERENCE_ARCHITECTURE = "jumprelu"
 WEIGHTS = {"W_enc": ("d_in", "d_sae"), "W_dec": ("d_sae", "d_in"), "b_enc": ("d_sae",), "b_dec": ("d_in",),
            "threshold": ("d_sae",)}
-THRESHOLD_DECAY = 0.999
+THRESHOLD_LR = 0.01
+
+
+def default_options(d_sae: int) -> dict:
+    """{"threshold_lr": 0.01}: the EMA rate of the inference threshold (shared by the ensemble)."""
+    return {"threshold_lr": THRESHOLD_LR}
+
+
+def check_options(options: dict, d_sae: int) -> None:
+    if not 0 < options["threshold_lr"] <= 1:
+        raise ValueError(f"threshold_lr must be in (0, 1], got {options['threshold_lr']}")
 
 
 def init_extra(n_members: int, d_in: int, d_sae: int, dtype: torch.dtype
@@ -65,7 +77,8 @@ def update_buffers(buffers: dict[str, torch.Tensor], f: torch.Tensor, hp: dict[s
     theta = buffers["threshold"]
     kept = kept_minimum(f).to(theta.dtype)                                # global under data-parallel ranks
     kept = torch.where(torch.isinf(kept), theta.clamp_min(0), kept)       # nothing kept: leave theta
-    theta.copy_(torch.where(theta < 0, kept, THRESHOLD_DECAY * theta + (1 - THRESHOLD_DECAY) * kept))
+    r = float(hp["threshold_lr"])
+    theta.copy_(torch.where(theta < 0, kept, (1 - r) * theta + r * kept))
 
 
 __all__ = ["decode", "encode", "inference_weights", "init_extra", "loss_terms", "update_buffers"]

@@ -34,11 +34,14 @@ update_buffers = batchtopk.update_buffers
 
 
 def default_options(d_sae: int) -> dict:
-    """{"matryoshka_widths": [d_sae/8, d_sae/4, d_sae/2, d_sae]} (rounded down, at least 1, deduplicated)."""
-    return {"matryoshka_widths": sorted({max(1, d_sae // 8), max(1, d_sae // 4), max(1, d_sae // 2), d_sae})}
+    """{"matryoshka_widths": [d_sae/8, d_sae/4, d_sae/2, d_sae]} (rounded down, at least 1, deduplicated) and
+    BatchTopK's threshold_lr."""
+    widths = sorted({max(1, d_sae // 8), max(1, d_sae // 4), max(1, d_sae // 2), d_sae})
+    return {"matryoshka_widths": widths, **batchtopk.default_options(d_sae)}
 
 
 def check_options(options: dict, d_sae: int) -> None:
+    batchtopk.check_options(options, d_sae)
     widths = options["matryoshka_widths"]
     if not (widths and all(a < b for a, b in zip(widths, widths[1:])) and widths[0] >= 1 and widths[-1] == d_sae):
         raise ValueError(f"matryoshka_widths must increase strictly from >= 1 to d_sae={d_sae}, got {widths}")

@@ -171,7 +171,8 @@ class SweepConfig:
     """Training step: fused (hand-derived backward, members in groups; standard and topk), autograd, or auto
     (fused where the architecture has it)."""
     member_group: int = 0
-    """Members per batched matmul in the fused kernel; 0 = auto (all on CUDA, 4 on CPU; see the benchmark)."""
+    """Members per batched matmul in the fused kernel, and per forward/backward on the autograd path (not under
+    DDP); 0 = auto (all on CUDA, 4 on CPU; see the benchmark)."""
     compile: bool | None = None
     """torch.compile the step; None = auto: on CUDA, and on CPU for fused-kernel runs of >= 100 steps (compiling
     costs tens of seconds once; see the README's benchmark)."""

@@ -14,6 +14,7 @@ stacked tensors is exactly per-member Adam (the original tool froze Adam's step 
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -110,20 +111,40 @@ class SAEEnsemble(nn.Module):
             for name, value in buffers.items():
                 self.register_buffer(name, value)
             self.extra_names, self.buffer_names = tuple(extra), tuple(buffers)
+        self._members: slice | None = None
+
+    @contextlib.contextmanager
+    def members(self, which: slice):
+        """Within this block, forward/losses/hp/weights see only the members `which` (views of the stacked
+        tensors, so gradients and buffer updates land in the full stack). train_step uses it to run the autograd
+        step in member groups."""
+        previous, self._members = self._members, which
+        try:
+            yield self
+        finally:
+            self._members = previous
+
+    @property
+    def n_active(self) -> int:
+        """Members seen now: all, or those of the `members` block."""
+        return len(range(self.n_members)[self._members]) if self._members is not None else self.n_members
 
     @property
     def W_enc(self) -> torch.Tensor:
         """[n_members, d_in, d_sae]; a transposed view of W_dec when tied."""
         return self.W_dec.transpose(1, 2) if self.tied else self.W_enc_param
 
+    def _active(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self._members is None else t[self._members]
+
     def hp(self) -> dict:
         """Per-member hyperparameter buffers [n_members] and the ensemble-wide options."""
-        return {**{name: getattr(self, name) for name in self.arch.HYPERPARAMS}, **self.options}
+        return {**{name: self._active(getattr(self, name)) for name in self.arch.HYPERPARAMS}, **self.options}
 
     def training_tensors(self) -> dict[str, torch.Tensor]:
         """Every trained tensor and architecture buffer by name, member axis first (W_enc a view when tied)."""
         names = ("W_enc", "W_dec", "b_enc", "b_dec") + self.extra_names + self.buffer_names
-        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+        return {n: self._active(getattr(self, n)) for n in names if getattr(self, n) is not None}
 
     def weights(self) -> dict[str, torch.Tensor]:
         """The saved-layout tensors of every member, shaped to broadcast against [n_members, batch, n]:
@@ -140,11 +161,12 @@ class SAEEnsemble(nn.Module):
 
     def _affine_pre(self, x: torch.Tensor) -> torch.Tensor:
         """(x - b_dec) W_enc + b_enc [n_members, batch, d_sae] (standard, topk)."""
-        return torch.baddbmm(self.b_enc.unsqueeze(1), x.unsqueeze(0) - self.b_dec.unsqueeze(1), self.W_enc)
+        t = self.training_tensors()
+        return torch.baddbmm(t["b_enc"].unsqueeze(1), x.unsqueeze(0) - t["b_dec"].unsqueeze(1), t["W_enc"])
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         """f [n_members, batch, d_sae] -> x_hat [n_members, batch, d_in]."""
-        return torch.baddbmm(self.b_dec.unsqueeze(1), f, self.W_dec)
+        return torch.baddbmm(self._active(self.b_dec).unsqueeze(1), f, self._active(self.W_dec))
 
     def forward(self, x: torch.Tensor, return_pre: bool = False):
         """x [batch, d_in] -> (x_hat [n_members, batch, d_in], f [n_members, batch, d_sae]), and with return_pre
@@ -160,7 +182,7 @@ class SAEEnsemble(nn.Module):
         w, hp = self.weights(), self.hp()
         f, pre = self.arch.encode(w, x, hp, self.training)
         if self.training and hasattr(self.arch, "update_buffers"):
-            self.arch.update_buffers({n: getattr(self, n) for n in self.buffer_names}, f.detach(), hp)
+            self.arch.update_buffers({n: self._active(getattr(self, n)) for n in self.buffer_names}, f.detach(), hp)
         x_hat = generic_decode(w, f)
         return (x_hat, f, pre) if return_pre else (x_hat, f)
 
@@ -183,7 +205,7 @@ class SAEEnsemble(nn.Module):
             return out
         mse = (x_hat - x.unsqueeze(0)).pow(2).mean(-1).sum(-1) / n
         if self.decoder_norm_l1:
-            sparsity = self.l1_coefficient.unsqueeze(-1) * decoder_weighted_l1(f, self.W_dec)
+            sparsity = self._active(self.l1_coefficient).unsqueeze(-1) * decoder_weighted_l1(f, self._active(self.W_dec))
         else:
             sparsity = self.arch.sparsity_loss(f, self.hp())
         sparsity = sparsity.sum(-1) / n
@@ -245,7 +267,8 @@ def loss_and_stats(model: nn.Module, ensemble: SAEEnsemble, x: torch.Tensor, n_t
     x_hat, f, pre = model(x, return_pre=True)
     losses = ensemble.losses(x, x_hat, f, n_total, pre)
     if ensemble.auxk_coefficient and dead is not None:
-        aux = auxk_loss(pre, dead, x.unsqueeze(0) - x_hat, ensemble.W_dec, ensemble.k_aux) * (x.shape[0] / n_total)
+        W_dec = ensemble.training_tensors()["W_dec"]
+        aux = auxk_loss(pre, dead, x.unsqueeze(0) - x_hat, W_dec, ensemble.k_aux) * (x.shape[0] / n_total)
         losses["auxk"] = aux
         losses["loss"] = losses["loss"] + ensemble.auxk_coefficient * aux
     stats = {k: v.detach() for k, v in losses.items()}
@@ -257,20 +280,33 @@ def loss_and_stats(model: nn.Module, ensemble: SAEEnsemble, x: torch.Tensor, n_t
 
 def train_step(ensemble: SAEEnsemble, optimizer: torch.optim.Optimizer, x: torch.Tensor, n_total: int | None = None,
                step_fn=None, model: nn.Module | None = None, loss_scale: float = 1.0, dead: torch.Tensor | None = None,
-               grad_clip_norm: float = 0.0) -> dict[str, torch.Tensor]:
+               grad_clip_norm: float = 0.0, member_group: int = 0) -> dict[str, torch.Tensor]:
     """One step for every member: forward, summed loss, backward, per-member gradient clipping (grad_clip_norm > 0;
     saetool.recipes.clip_grad_norm_per_member), Adam, decoder renormalisation.
 
     x [rows, d_in] is this process's share of a batch of n_total rows (default: all of it). step_fn is
     `loss_and_stats` or its compiled version; model the module to call (DDP wrapper or the ensemble);
     loss_scale = world size under DDP (DDP averages gradients over ranks, our losses are already global sums);
-    dead: the dead-latent mask AuxK uses (see loss_and_stats).
+    dead: the dead-latent mask AuxK uses (see loss_and_stats). member_group > 0 (without a DDP model): forward and
+    backward run for that many members at a time (the same gradients; only one group's [group, batch, d_sae]
+    intermediates are alive, which is faster on CPU, see the README's benchmark).
     Returns the statistics of THIS batch computed before the update (the batch trained on), see loss_and_stats.
     """
     step_fn = step_fn or loss_and_stats
-    total, stats = step_fn(model or ensemble, ensemble, x, n_total or x.shape[0], loss_scale, dead)
+    n_total = n_total or x.shape[0]
     optimizer.zero_grad(set_to_none=True)
-    total.backward()
+    if member_group and member_group < ensemble.n_members and (model is None or model is ensemble):
+        parts = []
+        for start in range(0, ensemble.n_members, member_group):
+            which = slice(start, min(ensemble.n_members, start + member_group))
+            with ensemble.members(which):
+                total, part = step_fn(ensemble, ensemble, x, n_total, loss_scale, None if dead is None else dead[which])
+                total.backward()
+            parts.append(part)
+        stats = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    else:
+        total, stats = step_fn(model or ensemble, ensemble, x, n_total, loss_scale, dead)
+        total.backward()
     if grad_clip_norm > 0:
         clip_grad_norm_per_member(ensemble.parameters(), grad_clip_norm)
     optimizer.step()

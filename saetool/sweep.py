@@ -331,7 +331,7 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict | None:
                 with batch_ctx:
                     stats = train_step(ensemble, optimizer, x_local, n_total=len(x), step_fn=step_fn, model=model,
                                        loss_scale=dist.world_size if data_parallel else 1.0, dead=dead,
-                                       grad_clip_norm=cfg.grad_clip_norm)
+                                       grad_clip_norm=cfg.grad_clip_norm, member_group=0 if data_parallel else group)
             fired = stats.pop("fired")
             steps += 1
             if tracker is not None:

@@ -181,8 +181,10 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("member_group", [0, 1, 2])
 @pytest.mark.parametrize("arch", list(CASES))
-def test_ensemble_equals_separate_saes(arch):
+def test_ensemble_equals_separate_saes(arch, member_group):
+    # member_group > 0: the autograd step runs forward/backward for groups of members (uneven: 3 = 2 + 1)
     hp, make, options = CASES[arch]
     n = len(next(iter(hp.values())))
     lr = 3e-3
@@ -190,7 +192,7 @@ def test_ensemble_equals_separate_saes(arch):
     opt = torch.optim.Adam(ens.parameters(), lr=lr)
     data = batches(30, 64, 8)
     for x in data:
-        train_step(ens, opt, x)
+        train_step(ens, opt, x, member_group=member_group)
     ens.eval()
     for i in range(n):
         ref = make(i, hp)

@@ -37,19 +37,22 @@ def batches(n, batch, d, seed=1):
     return [torch.randn(batch, d, generator=g) * scale + 0.5 for _ in range(n)]
 
 
-@pytest.mark.parametrize("architecture,values,tied", [
-    ("standard", [0.0, 1e-3, 1e-2, 1e-1], False),
-    ("standard", [1e-3, 3e-2], True),
-    ("topk", [1, 3, 8], False),
+@pytest.mark.parametrize("architecture,values,tied,member_group", [
+    ("standard", [0.0, 1e-3, 1e-2, 1e-1], False, 0),
+    ("standard", [0.0, 1e-3, 1e-2, 1e-1], False, 3),   # autograd step in member groups of 3 + 1
+    ("standard", [1e-3, 3e-2], True, 0),
+    ("standard", [1e-3, 3e-2], True, 1),
+    ("topk", [1, 3, 8], False, 0),
+    ("topk", [1, 3, 8], False, 2),
 ])
-def test_ensemble_equals_separate_saes(architecture, values, tied):
+def test_ensemble_equals_separate_saes(architecture, values, tied, member_group):
     d_in, d_sae, lr = 8, 32, 3e-3
     key = "k" if architecture == "topk" else "l1_coefficient"
     ens = SAEEnsemble(architecture, d_in, d_sae, {key: values}, seeds=[10 + i for i in range(len(values))], tied=tied)
     opt = torch.optim.Adam(ens.parameters(), lr=lr)
     data = batches(30, 64, d_in)
     for x in data:
-        train_step(ens, opt, x)
+        train_step(ens, opt, x, member_group=member_group)
     for i, v in enumerate(values):
         ref = PlainSAE(d_in, d_sae, 10 + i, **({"k": v} if key == "k" else {"l1": v}), tied=tied)
         ref_opt = torch.optim.Adam(ref.parameters(), lr=lr)

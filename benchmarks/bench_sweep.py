@@ -86,7 +86,9 @@ class PlainSAE(nn.Module):
         return ((x_hat - x) ** 2).mean() + self.l1 * (f * self.W_dec.norm(dim=-1)).sum(-1).mean()
 
 
-def run_saetool(variant, l1, d_in, d_sae, mean, batches, eval_x, warmup, group=4, compile_=False, autocast=False):
+def run_saetool(variant, l1, d_in, d_sae, mean, batches, eval_x, warmup, group=4, compile_=False, autocast=False,
+                grouped=False):
+    """variant "fused" (members in groups of `group`) or "autograd" (stacked, or in groups of `group` if grouped)."""
     ens = SAEEnsemble("standard", d_in, d_sae, {"l1_coefficient": l1}, seeds=list(range(len(l1))), decoder_norm_l1=True)
     clip = 1.0 / d_in
     ens.set_b_dec(mean)
@@ -103,7 +105,7 @@ def run_saetool(variant, l1, d_in, d_sae, mean, batches, eval_x, warmup, group=4
 
         def step(x):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                train_step(ens, opt, x, step_fn=fn, grad_clip_norm=clip)
+                train_step(ens, opt, x, step_fn=fn, grad_clip_norm=clip, member_group=group if grouped else 0)
     seconds = timed(step, batches, warmup)
     with torch.no_grad():
         x_hat, _ = ens(eval_x)
@@ -220,12 +222,14 @@ def main():
         record(f"saetool fused compiled, groups of {g}", "fp32", *run_saetool("fused", *warm, group=g, compile_=True))
     if "autograd" not in skip:
         record("saetool autograd (stacked bmm)", "fp32", *run_saetool("autograd", *common))
+        record("saetool autograd, groups of 4", "fp32", *run_saetool("autograd", *common, grouped=True))
     if "loop" not in skip:
         record("loop of separate torch SAEs", "fp32", *run_loop(*common))
     if "saelens" not in skip:
         record("SAELens, one SAE after another", "fp32", *run_saelens(*common))
     if "bf16" not in skip:
-        record("saetool autograd, bf16 autocast", "bf16", *run_saetool("autograd", *common, autocast=True))
+        record("saetool autograd groups of 4, bf16 autocast", "bf16",
+               *run_saetool("autograd", *common, autocast=True, grouped=True))
         if "saelens" not in skip:
             record("SAELens, bf16 autocast", "bf16", *run_saelens(*common, autocast=True))
 

@@ -80,7 +80,9 @@ def test_b_dec_init_geometric_median_and_mean(store):
     median = sweep_mod._b_dec_init("geometric_median", s, hook, rows)
     torch.testing.assert_close(median, geometric_median(x).float())
     # the geometric median minimises the summed distances: moving it in any axis direction costs more
-    cost = lambda m: (x - m.double()).norm(dim=-1).sum()  # noqa: E731
+    def cost(m):
+        return (x - m.double()).norm(dim=-1).sum()
+
     for j in range(8):
         step = torch.zeros(8)
         step[j] = 1e-2

@@ -66,6 +66,10 @@ def run_cli(fn, argv: list[str] | None = None, name: str = "saetool") -> None:
     except ValueError as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted; rerun the same command with --resume True to continue a sweep from its last "
+              "checkpoint (--checkpoint_every), or rerun `generate` as is (it resumes by itself)", file=sys.stderr)
+        sys.exit(130)
 
 
 def main(argv: list[str] | None = None) -> None:

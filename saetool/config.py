@@ -205,6 +205,11 @@ class SweepConfig:
         _check(self.auxk_coefficient >= 0, "auxk_coefficient", "must be >= 0")
         _check(self.k_aux >= 0, "k_aux", "must be >= 0")
         _check(self.resample_every >= 0, "resample_every", "must be >= 0")
+        _check(0 < self.threshold_lr <= 1, "threshold_lr", "must be in (0, 1]")
+        batch_topk = self.architecture in ("batchtopk", "matryoshka_batchtopk")
+        _check(batch_topk or self.threshold_lr == 0.01, "threshold_lr",
+               "applies to batchtopk and matryoshka_batchtopk only")
+        _check(not (self.k_aux and not self.auxk_coefficient), "k_aux", "needs --auxk_coefficient > 0")
         _check(not (self.decoder_norm_l1 and self.architecture != "standard"), "decoder_norm_l1",
                "applies to architecture standard only")
         _check(not (self.auxk_coefficient and self.architecture not in ("topk", "batchtopk", "matryoshka_batchtopk")),

@@ -138,8 +138,12 @@ class SAEEnsemble(nn.Module):
         return t if self._members is None else t[self._members]
 
     def hp(self) -> dict:
-        """Per-member hyperparameter buffers [n_members] and the ensemble-wide options."""
-        return {**{name: self._active(getattr(self, name)) for name in self.arch.HYPERPARAMS}, **self.options}
+        """Per-member hyperparameter buffers [n_members], the ensemble-wide options, and for k the Python int
+        "k_max" (so torch.compile needs no data-dependent k.max())."""
+        hp = {**{name: self._active(getattr(self, name)) for name in self.arch.HYPERPARAMS}, **self.options}
+        if "k" in self.hyperparams:
+            hp["k_max"] = max(self.hyperparams["k"][self._members or slice(None)])
+        return hp
 
     def training_tensors(self) -> dict[str, torch.Tensor]:
         """Every trained tensor and architecture buffer by name, member axis first (W_enc a view when tied)."""

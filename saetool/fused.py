@@ -66,7 +66,10 @@ def fused_loss_and_grads(ensemble: SAEEnsemble, x: torch.Tensor, n_total: int, g
         We, Wd, bd = W_enc[g], W_dec[g], b_dec[g]
         bias = b_enc[g] - torch.bmm(bd.unsqueeze(1), We).squeeze(1)                       # [G, S]
         pre = torch.matmul(x, We).add_(bias.unsqueeze(1))                                   # [G, B, S]
-        f = ensemble.arch.activation(pre, {k: v[g] for k, v in hp.items()})
+        group_hp = {k: v[g] for k, v in hp.items() if torch.is_tensor(v)}
+        if "k" in group_hp:
+            group_hp["k_max"] = max(ensemble.hyperparams["k"][g])
+        f = ensemble.arch.activation(pre, group_hp)
         del pre
         e = torch.baddbmm(bd.unsqueeze(1), f, Wd).sub_(x)                                  # x_hat - x [G, B, D]
         stats["mse"][g] = e.pow(2).sum((1, 2)) / (n_total * d)

@@ -262,6 +262,9 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict | None:
     group = cfg.member_group or (len(local) if on_cuda else 4)
     step_fn = _make_step_fn(use_compile, cfg.autocast, torch.device(device).type)
     fused_fn = torch.compile(fused_loss_and_grads) if (fused and use_compile) else fused_loss_and_grads
+    if cfg.lr_decay_steps > total_steps:
+        raise ValueError(f"--lr_decay_steps {cfg.lr_decay_steps} is more than this run's {total_steps} steps "
+                         f"({loader.n_rows} rows / batch {cfg.batch_size} x {cfg.n_repetitions} repetitions)")
     restarts = range(cfg.resample_every, total_steps, cfg.resample_every) if cfg.resample_every else ()
     tracker = None
     if cfg.auxk_coefficient or cfg.resample_every:
@@ -369,8 +372,9 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict | None:
     training = {"steps": steps, "tokens": tokens, "seconds_this_run": round(seconds, 2), "tokens_per_s": round(rate, 1),
                 "sae_tokens_per_s": round(rate * n_members, 1), "world_size": dist.world_size,
                 "parallel": cfg.parallel if dist.active else "none", "compiled": use_compile, "autocast": cfg.autocast}
-    log(f"trained {steps} steps, {tokens} tokens in {seconds:.1f} s ({rate:.0f} tokens/s, {rate * n_members:.0f} "
-        "SAE-tokens/s)")
+    resumed = f" ({trained_here} tokens in this run)" if trained_here != tokens else ""
+    log(f"trained {steps} steps, {tokens} tokens{resumed}; this run {seconds:.1f} s ({rate:.0f} tokens/s, "
+        f"{rate * n_members:.0f} SAE-tokens/s)")
     metrics = None
     if eval_rows and (by_members or dist.is_main):
         metrics = evaluate(ensemble, store, hook, eval_rows, cfg.batch_size, device, scale)

@@ -84,7 +84,13 @@ class WandbLogger(PlainLogger):
             raise ValueError("W&B logging needs the wandb package: pip install wandb") from None
         self._wandb = wandb
         self.echo = echo
-        self.run = wandb.init(project=project, name=name, config=config or {}, mode=mode, dir=dir, reinit="create_new")
+        try:
+            self.run = wandb.init(project=project, name=name, config=config or {}, mode=mode, dir=dir,
+                                  reinit="create_new")
+        except Exception as error:  # not logged in, offline without WANDB_MODE=offline, bad project...
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise ValueError(f"W&B could not start a run ({first}); run `wandb login`, or set WANDB_MODE=offline "
+                             "to keep the run on disk") from error
 
     def _member_dict(self, values: dict[str, Tensor]) -> dict:
         out = {}

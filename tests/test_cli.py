@@ -67,3 +67,16 @@ def test_readme_flag_tables_match_the_config_docstrings():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     for cls in (GenerateConfig, SweepConfig):
         assert markdown_flags(cls) in readme, f"README flag table of {cls.__name__} is stale: python -m saetool.config"
+
+
+def test_ctrl_c_is_one_line_with_the_resume_hint(monkeypatch, capsys):
+    import saetool.cli as cli
+
+    def interrupted(**kwargs):
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.run_cli({"sweep": interrupted}, ["sweep"])
+    assert exit_.value.code == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--resume True" in err[0]

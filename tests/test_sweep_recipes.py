@@ -133,3 +133,28 @@ def test_wandb_project_without_wandb_fails_before_writing(store, tmp_path, monke
     with pytest.raises(ValueError, match="pip install wandb"):
         sweep(store, tmp_path / "run2", wandb_project="saes")
     assert not (tmp_path / "run2").exists()
+
+
+@pytest.mark.parametrize("kw,message", [
+    ({"lr_decay_steps": 20}, "--lr_decay_steps 20 is more than this run's 19 steps"),
+    ({"threshold_lr": 0.05}, "--threshold_lr applies to batchtopk and matryoshka_batchtopk only"),
+    ({"architecture": "topk", "k_values": [2], "k_aux": 4}, "--k_aux needs --auxk_coefficient > 0"),
+    ({"architecture": "batchtopk", "k_values": [2], "threshold_lr": 1.5}, r"--threshold_lr must be in \(0, 1\]"),
+])
+def test_settings_that_cannot_act_are_refused_before_writing(store, tmp_path, kw, message):
+    with pytest.raises(ValueError, match=message):
+        sweep(store, tmp_path / "out", **kw)
+    assert not (tmp_path / "out").exists()
+
+
+def test_wandb_that_cannot_start_is_a_one_line_error(store, tmp_path, monkeypatch):
+    import sys
+    import types
+
+    def init(**kwargs):
+        raise RuntimeError("No API key configured. Use `wandb login` to log in.\nmore details")
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    with pytest.raises(ValueError, match=r"W&B could not start a run \(No API key configured.*\); run `wandb login`"):
+        sweep(store, tmp_path / "run3", wandb_project="saes")
+    assert not (tmp_path / "run3").exists()

@@ -21,7 +21,7 @@ def activation(pre: torch.Tensor, hp: dict[str, torch.Tensor]) -> torch.Tensor:
     """pre [..., d_sae] (member axis first for a stack, k [n_members]) -> f of the same shape with at most k
     non-zeros per token (fewer where pre-activations are negative)."""
     k = hp["k"].to(torch.long)
-    k_max = int(k.max())
+    k_max = int(hp["k_max"]) if "k_max" in hp else int(k.max())   # a Python int keeps torch.compile graph-whole
     values, indices = pre.topk(k_max, dim=-1, sorted=True)
     keep = torch.arange(k_max, device=pre.device) < k.reshape(k.shape + (1,) * (pre.dim() - k.dim()))
     return torch.zeros_like(pre).scatter(-1, indices, torch.relu(values) * keep)

@@ -70,7 +70,7 @@ def test_readme_flag_tables_match_the_config_docstrings():
 
 
 def test_ctrl_c_is_one_line_with_the_resume_hint(monkeypatch, capsys):
-    import saetool.cli as cli
+    from saetool import cli
 
     def interrupted(**kwargs):
         raise KeyboardInterrupt

@@ -63,3 +63,30 @@ def make_tiny_llama_dir(path: str | pathlib.Path, seed: int = 0, tie_word_embedd
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def train_plain_sae(ref: torch.nn.Module, data: list[torch.Tensor], lr: float) -> torch.nn.Module:
+    """Train a plain one-SAE module (its forward returns the loss) the textbook way, as the ensemble oracle:
+    torch.optim.Adam over `data`, then the decoder rows back to unit norm after every step. Returns `ref`."""
+    opt = torch.optim.Adam(ref.parameters(), lr=lr)
+    for x in data:
+        opt.zero_grad()
+        ref(x).backward()
+        opt.step()
+        with torch.no_grad():
+            ref.W_dec /= ref.W_dec.norm(dim=-1, keepdim=True)
+    return ref
+
+
+def interrupt_on_call(monkeypatch, module, name: str, n: int) -> None:
+    """Make module.<name> raise KeyboardInterrupt on its n-th call (a kill mid-run); monkeypatch.undo() or the end
+    of the test restores it."""
+    real, calls = getattr(module, name), {"n": 0}
+
+    def wrapped(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapped)

@@ -10,6 +10,7 @@ from torch import nn
 from saetool.ensemble import SAEEnsemble, init_member, train_step
 from saetool.io import load_sae, save_sae
 from saetool.sae import SparseLinearAutoencoder
+from tests.helpers import train_plain_sae
 
 
 def identity_ensemble(arch, hp, **kw):
@@ -195,14 +196,7 @@ def test_ensemble_equals_separate_saes(arch, member_group):
         train_step(ens, opt, x, member_group=member_group)
     ens.eval()
     for i in range(n):
-        ref = make(i, hp)
-        ref_opt = torch.optim.Adam(ref.parameters(), lr=lr)
-        for x in data:
-            ref_opt.zero_grad()
-            ref(x).backward()
-            ref_opt.step()
-            with torch.no_grad():
-                ref.W_dec /= ref.W_dec.norm(dim=-1, keepdim=True)
+        ref = train_plain_sae(make(i, hp), data, lr)
         w = ens.member_weights(i)
         expected = {k: v.detach() for k, v in ref.named_parameters() if k != "log_threshold"}
         if arch == "jumprelu":

@@ -6,6 +6,7 @@ from torch import nn
 
 from saetool.ensemble import SAEEnsemble, init_member, train_step
 from saetool.io import load_sae, save_sae
+from tests.helpers import train_plain_sae
 
 
 class PlainSAE(nn.Module):
@@ -54,14 +55,8 @@ def test_ensemble_equals_separate_saes(architecture, values, tied, member_group)
     for x in data:
         train_step(ens, opt, x, member_group=member_group)
     for i, v in enumerate(values):
-        ref = PlainSAE(d_in, d_sae, 10 + i, **({"k": v} if key == "k" else {"l1": v}), tied=tied)
-        ref_opt = torch.optim.Adam(ref.parameters(), lr=lr)
-        for x in data:
-            ref_opt.zero_grad()
-            ref(x).backward()
-            ref_opt.step()
-            with torch.no_grad():
-                ref.W_dec /= ref.W_dec.norm(dim=-1, keepdim=True)
+        ref = train_plain_sae(PlainSAE(d_in, d_sae, 10 + i, **({"k": v} if key == "k" else {"l1": v}), tied=tied),
+                              data, lr)
         w = ens.member_weights(i)
         ref_W_enc = ref.W_dec.T if tied else ref.W_enc
         for name, ref_t in [("W_enc", ref_W_enc), ("W_dec", ref.W_dec), ("b_enc", ref.b_enc), ("b_dec", ref.b_dec)]:

@@ -14,6 +14,7 @@ import torch
 import saetool.sweep as sweep_mod
 from saetool.config import SweepConfig
 from saetool.io import load_sweep, read_index
+from tests.helpers import interrupt_on_call
 from tests.synthetic import write_store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,18 +94,10 @@ def test_d1_uneven_data_completes_with_equal_steps(tmp_path, n_rows, n_procs):
 
 
 def test_resume_after_interruption_equals_uninterrupted(store, reference, tmp_path, monkeypatch):
-    real_step, calls = sweep_mod.train_batch_fused, {"n": 0}
-
-    def crashing_step(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 8:
-            raise KeyboardInterrupt("killed")
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(sweep_mod, "train_batch_fused", crashing_step)
+    interrupt_on_call(monkeypatch, sweep_mod, "train_batch_fused", 8)
     with pytest.raises(KeyboardInterrupt):
         single(store, tmp_path / "out", checkpoint_every=3)
-    monkeypatch.setattr(sweep_mod, "train_batch_fused", real_step)
+    monkeypatch.undo()
     assert (tmp_path / "out" / "checkpoint" / "latest").read_text() == "step_6"
     with pytest.raises(ValueError, match="unfinished sweep; pass --resume True"):
         single(store, tmp_path / "out")

@@ -11,6 +11,7 @@ from saetool.config import SweepConfig
 from saetool.io import load_sweep
 from saetool.recipes import geometric_median
 from saetool.store import ActivationStore
+from tests.helpers import interrupt_on_call
 from tests.synthetic import write_store
 
 
@@ -47,21 +48,13 @@ def test_lr_warmup_restarts_at_every_resampling_and_decays(store, tmp_path, monk
 
 
 def test_resume_with_auxk_and_resampling_equals_uninterrupted(store, tmp_path, monkeypatch):
-    kw = dict(architecture="topk", k_values=[2, 3], auxk_coefficient=1 / 32, k_aux=4, resample_every=7,
-              dead_window=60, grad_clip_norm=0.5)
+    kw = {"architecture": "topk", "k_values": [2, 3], "auxk_coefficient": 1 / 32, "k_aux": 4, "resample_every": 7,
+          "dead_window": 60, "grad_clip_norm": 0.5}
     sweep(store, tmp_path / "ref", **kw)
-    real_step, calls = sweep_mod.train_step, {"n": 0}
-
-    def crashing_step(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 13:
-            raise KeyboardInterrupt("killed")
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(sweep_mod, "train_step", crashing_step)
+    interrupt_on_call(monkeypatch, sweep_mod, "train_step", 13)
     with pytest.raises(KeyboardInterrupt):
         sweep(store, tmp_path / "out", checkpoint_every=5, **kw)
-    monkeypatch.setattr(sweep_mod, "train_step", real_step)
+    monkeypatch.undo()
     state = torch.load(tmp_path / "out" / "checkpoint" / "step_10" / "rank0.pt", weights_only=False)
     assert state["dead_since"].shape == (2, 16) and state["dead_since"].max() > 0
     sweep(store, tmp_path / "out", checkpoint_every=5, resume=True, **kw)

@@ -64,9 +64,11 @@ def main() -> None:
 
     import saetool.generate
     from saetool.config import GenerateConfig
-    from saetool.data import load_texts, pack_contexts, special_token_ids, tokenize_documents
+    from saetool.data import special_token_ids
     from saetool.generate import run_generate
     from saetool.models import load_model
+    from saetool.stream import ContextStream
+    from saetool.text import open_documents
 
     # Time spent inside the model forward (`record_activations` = run_with_cache + flattening) during each
     # saetool run: the rest of the generation loop is saetool's own cost, measured in the same run and so
@@ -110,10 +112,11 @@ def main() -> None:
         print(f"bench_generate: {args.tokens} tokens of SmolLM2-135M on {args.device}", flush=True)
         model = load_model("smollm2-135m", device=args.device)
         special = special_token_ids(model.tokenizer)
-        docs = tokenize_documents(load_texts("shakespeare"), model.tokenizer)
-        packed = pack_contexts(docs, args.context_size, bos_token_id=special["bos"], sep_token_id=special["sep"],
-                               pad_token_id=special["pad"], shuffle=True, seed=0)
-        contexts = packed.tokens[: args.tokens // args.context_size]  # exactly the contexts saetool stores
+        n = args.tokens // args.context_size
+        stream = ContextStream(open_documents("shakespeare"), model.tokenizer, args.context_size,
+                               bos_token_id=special["bos"], sep_token_id=special["sep"], pad_token_id=special["pad"],
+                               n_contexts=n, buffer_size=8192, seed=0, per_chunk=n)
+        contexts = torch.from_numpy(next(iter(stream))[0]).long()  # exactly the contexts saetool stores
 
         # Every repetition runs each measurement once, back to back, and the comparisons are made within a
         # repetition (the bare loop and saetool swap order every time); the medians over repetitions are reported.

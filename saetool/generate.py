@@ -1,29 +1,40 @@
-"""The generation loop: text -> packed contexts -> model forward -> activations -> Zarr store.
+"""The generation loop: text -> streamed, packed, mixed contexts -> store tokens -> model forward -> activations.
 
 Order of work (so bad input fails early and nothing half-written looks valid):
 1. load the model and validate every hook name (before any text is read);
-2. load, tokenise and pack the text (saetool.data); fail if it cannot fill one context;
-3. create the store, or resume a partial one written with the same settings (saetool.store);
-4. split the uncommitted chunks into one contiguous share per process (`split_evenly`, case D2) and, for each
-   chunk of this process's share: run the model over its contexts (all hooks from one forward, `stop_at_layer` =
-   deepest hook + 1), cast (overflow-checked, optionally bit-rounded), then compress, write and commit it in a
-   writer thread while the model computes the next chunk;
-5. wait for every process; rank 0 marks the store complete and prints a summary (tokens, bytes per token,
+2. rank 0 writes the store's tokens (`write_tokens`): it opens the text lazily (saetool.text; a bad source or
+   text column fails here), streams it through `saetool.stream.ContextStream` (tokenise in batches, pack, seeded
+   shuffle buffer) only as far as the budget (--n_chunks x --chunk_size), creates the store once the first chunk
+   is known (so "N tokens < one context" fails before anything is written) and writes every chunk's tokens and
+   mask, then records `tokens_complete`. Its memory is the shuffle buffer plus one tokenisation batch, whatever
+   the corpus size; no other process reads or tokenises the text;
+3. every process (rank 0 included) then splits the chunks without activations into one contiguous share per
+   process (`split_evenly`, case D2) and, for each chunk of its share: reads its tokens back from the store,
+   runs the model over them (all hooks from one forward, `stop_at_layer` = deepest hook + 1), casts
+   (overflow-checked, optionally bit-rounded), then compresses, writes and commits it in a writer thread while
+   the model computes the next chunk;
+4. wait for every process; rank 0 marks the store complete and prints a summary (tokens, bytes per token,
    ratio to fp32, aggregated tokens/s).
 
+Why tokens first, then activations (not a pipeline): the store's rows depend only on the text, the settings and
+--seed, never on the number of processes, because one process produces them in order; the model processes then
+need no coordination beyond two barriers, and the tokens are cheap next to the forward passes (the tokenizer
+runs at ~1M tokens/s per core; `benchmarks/bench_scale.py` measures both). Resume: `kill -9` while writing
+tokens resumes from the last saved stream state (`stream_state.npz` in the store, saved every `STATE_SECONDS`:
+the documents already tokenised are skipped unread by the tokenizer); while recording, from the committed chunks.
+
 Several processes (`accelerate launch launch/generate.py`, see `Dist`): the one-off conversion of the embedded
-model, loading and tokenising the text, and creating the store run on rank 0 first, then on the others, which
-reuse rank 0's caches (converted model, `datasets` text and tokenisation caches) and open the store it
-created. Packing is deterministic, so every rank holds the same contexts; the store's row order depends only on
-the text and --seed, never on the number of processes. Chunks (whole contexts, chunk-aligned rows) are the unit
-of work, so no two processes ever write the same Zarr chunk (case S2). The only collectives
-are barriers that every rank reaches, also a rank whose share is empty (cases D1/D2); rank 0's progress bar
-aggregates all ranks by reading the store's `commits` array, not by a collective.
+model and step 2 run on rank 0 while the others wait in a barrier, then they open the store it wrote. Chunks
+(whole contexts, chunk-aligned rows) are the unit of work, so no two processes ever write the same Zarr chunk
+(case S2). The only collectives are barriers that every rank reaches, also a rank whose share is empty (cases
+D1/D2); rank 0's progress bar aggregates all ranks by reading the store's `commits` array, not by a collective.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -33,13 +44,18 @@ import torch
 from tqdm.auto import tqdm
 
 from saetool.config import GenerateConfig
-from saetool.data import load_texts, pack_contexts, special_token_ids, tokenize_documents
+from saetool.data import special_token_ids
 from saetool.distributed import Dist, split_evenly
 from saetool.hooks import hook_widths, record_activations, resolve_hook_names, validate_hook_names
 from saetool.models import EMBEDDED_MODEL, embedded_model_dir, load_model
-from saetool.store import ActivationStore, StoreSpec, to_store_array
+from saetool.store import ActivationStore, StoreError, StoreSpec, to_store_array
+from saetool.stream import ContextStream
+from saetool.text import open_documents
 
 POLL_SECONDS = 1.0  # rank 0 re-reads the store's commits at most this often for the aggregated progress bar
+STATE_SECONDS = 30.0  # rank 0 saves the token stream's state at most this often while writing tokens
+STATE_FILE = "stream_state.npz"  # in the store folder while its tokens are being written; deleted when they are
+GROW_CHUNKS = 64  # without --n_chunks the store starts at this many chunks and doubles while the text lasts
 
 
 def bos_policy(cfg: GenerateConfig) -> str:
@@ -103,31 +119,23 @@ def run_generate(cfg: GenerateConfig, dist: Dist | None = None, log=print) -> Ac
     model = load_model(cfg.model, device=cfg.device, dtype=cfg.model_dtype)
     validate_hook_names(model, hook_names)
     widths = hook_widths(model, hook_names)
-    tokenizer = model.tokenizer
-    with main_process_first(dist):  # rank 0 fills the datasets caches (text, tokenisation); the others reuse them
-        texts = load_texts(cfg.dataset, split=cfg.dataset_split, text_column=cfg.text_column)
-        docs = tokenize_documents(texts, tokenizer)
-    special = special_token_ids(tokenizer)
-    packed = pack_contexts(docs, cfg.context_size, bos_token_id=special["bos"], sep_token_id=special["sep"],
-                           pad_token_id=special["pad"], prepend_bos=cfg.prepend_bos, concat=cfg.concat,
-                           shuffle=True, seed=cfg.seed)
-    del docs
-    per_chunk = cfg.chunk_size // cfg.context_size
-    n_contexts = len(packed.tokens)
-    if cfg.n_chunks is not None:
-        if cfg.n_chunks * per_chunk > n_contexts:
-            log(f"warning: the text fills {n_contexts} contexts, fewer than --n_chunks {cfg.n_chunks} x "
-                f"{per_chunk}; writing {n_contexts} contexts")
-        n_contexts = min(n_contexts, cfg.n_chunks * per_chunk)
+    n_rows = (cfg.n_chunks or GROW_CHUNKS) * cfg.chunk_size  # the budget, or a first capacity (then doubled)
     spec = StoreSpec(
         model=cfg.model, dataset=cfg.dataset, hook_names=hook_names, widths=widths,
-        n_rows=n_contexts * cfg.context_size, context_size=cfg.context_size, chunk_size=cfg.chunk_size,
+        n_rows=n_rows, context_size=cfg.context_size, chunk_size=cfg.chunk_size,
         dtype=cfg.dtype, compression=cfg.compression, bos_policy=bos_policy(cfg), seed=cfg.seed, keepbits=cfg.keepbits,
         extra={"dataset_split": cfg.dataset_split, "text_column": cfg.text_column, "prepend_bos": cfg.prepend_bos,
-               "concat": cfg.concat, "model_dtype": cfg.model_dtype, "packing": packed.summary()},
+               "concat": cfg.concat, "model_dtype": cfg.model_dtype, "shuffle_buffer": cfg.shuffle_buffer,
+               "n_chunks_asked": cfg.n_chunks},
     )
-    with main_process_first(dist):
-        store = ActivationStore.create_or_resume(cfg.dataset_folder, spec)
+    with main_process_first(dist):  # rank 0 writes the tokens; then the others open the store it wrote
+        if dist.is_main:
+            store = write_tokens(cfg, spec, model.tokenizer, log)
+        else:
+            store = ActivationStore.create_or_resume(cfg.dataset_folder, spec)
+            if not store.tokens_complete:
+                raise StoreError(f"{cfg.dataset_folder}: rank 0 did not finish writing the tokens")
+    spec = store.spec  # the rows the text filled
     if store.complete:  # every rank sees the same: only rank 0 finalizes, after the final barrier
         log(f"{cfg.dataset_folder} is already complete ({spec.n_rows} rows); nothing to do")
         return store
@@ -142,18 +150,14 @@ def run_generate(cfg: GenerateConfig, dist: Dist | None = None, log=print) -> Ac
         print(f"[rank {dist.rank}/{dist.world_size}] chunks {format_chunks(mine)} ({len(mine)} of {len(todo)})",
               flush=True)
 
-    tokens_all = packed.tokens[:n_contexts]
-    mask_all = packed.mask[:n_contexts].reshape(-1).numpy()
     rows_of = {c: spec.chunk_rows(c)[1] - spec.chunk_rows(c)[0] for c in todo}
     rows_todo = sum(rows_of.values())
     bar = tqdm(total=rows_todo, unit="tok", unit_scale=True, disable=not dist.is_main,
                desc=f"generate ({dist.world_size} proc)" if dist.active else "generate")
     progress = _Progress(bar, store, rows_of, dist.world_size) if dist.is_main else None
 
-    def write(c: int, parts: dict[str, list[np.ndarray]], ctx: torch.Tensor) -> int:
-        row_start, row_stop = spec.chunk_rows(c)
-        store.write_chunk(c, {h: np.concatenate(p) for h, p in parts.items()}, ctx.numpy(),
-                          mask_all[row_start:row_stop])
+    def write(c: int, parts: dict[str, list[np.ndarray]]) -> int:
+        store.write_chunk(c, {h: np.concatenate(p) for h, p in parts.items()})
         return c
 
     def committed(future) -> None:
@@ -167,8 +171,7 @@ def run_generate(cfg: GenerateConfig, dist: Dist | None = None, log=print) -> Ac
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="saetool-writer") as writer:
         pending = None
         for c in mine:
-            row_start, row_stop = spec.chunk_rows(c)
-            ctx = tokens_all[row_start // cfg.context_size : row_stop // cfg.context_size]
+            ctx = torch.from_numpy(store.read_tokens(c)).long()
             parts: dict[str, list[np.ndarray]] = {h: [] for h in hook_names}
             for i in range(0, len(ctx), cfg.batch_size):
                 batch = ctx[i : i + cfg.batch_size].to(cfg.device)
@@ -179,7 +182,7 @@ def run_generate(cfg: GenerateConfig, dist: Dist | None = None, log=print) -> Ac
                     progress.own(batch.numel())
             if pending is not None:
                 committed(pending)
-            pending = writer.submit(write, c, parts, ctx)
+            pending = writer.submit(write, c, parts)
         if pending is not None:
             committed(pending)
     if progress:
@@ -188,10 +191,11 @@ def run_generate(cfg: GenerateConfig, dist: Dist | None = None, log=print) -> Ac
     bar.close()
     dist.barrier()
     if dist.is_main:
+        packing = store.meta["packing"]
         raw_fp32 = spec.n_rows * sum(widths.values()) * 4
         stored = store.nbytes_stored()
         summary = {
-            "tokens": spec.n_rows, "tokens_masked_out": int((~mask_all).sum()), "hooks": widths,
+            "tokens": spec.n_rows, "tokens_masked_out": spec.n_rows - packing["n_text_tokens"], "hooks": widths,
             "bytes_per_token": round(stored / spec.n_rows, 2), "ratio_to_fp32": round(raw_fp32 / max(stored, 1), 3),
             "codec": cfg.compression, "keepbits": cfg.keepbits, "world_size": dist.world_size,
             "chunks_per_rank": [len(s) for s in shares], "tokens_this_run": rows_todo,
@@ -202,8 +206,78 @@ def run_generate(cfg: GenerateConfig, dist: Dist | None = None, log=print) -> Ac
             log(f"wrote {spec.n_rows} tokens x {len(hook_names)} hook(s) to {cfg.dataset_folder} with "
                 f"{dist.world_size} process(es): {summary['bytes_per_token']} bytes/token ({cfg.compression}"
                 f"{'' if cfg.keepbits is None else f', keepbits {cfg.keepbits}'}), {summary['ratio_to_fp32']}x "
-                f"smaller than fp32, {summary['tokens_per_s']:.0f} tokens/s; packing: {packed.summary()}")
+                f"smaller than fp32, {summary['tokens_per_s']:.0f} tokens/s; packing: {packing}")
     return store
+
+
+def write_tokens(cfg: GenerateConfig, spec: StoreSpec, tokenizer, log=print) -> ActivationStore:
+    """Rank 0: stream the text into the store's `tokens` and `mask` (step 2 of the module docstring); return the store.
+
+    A store whose tokens are complete is returned as is; one whose tokens were interrupted continues from its saved
+    stream state (or from the first document if none was saved yet). The store is created only after the first
+    chunk of contexts exists, so an empty corpus or a bad text column leaves nothing behind. A corpus that ends
+    before --n_chunks is stored whole, with a warning line saying how many tokens were stored.
+    """
+    folder = cfg.dataset_folder
+    store = state = None
+    if os.path.isdir(folder) and os.listdir(folder):
+        store = ActivationStore.create_or_resume(folder, spec)  # refuses other settings, another store, other files
+        if store.tokens_complete:
+            return store
+        state = _load_state(store)
+    special = special_token_ids(tokenizer)
+    per_chunk = cfg.chunk_size // cfg.context_size
+    stream = ContextStream(
+        open_documents(cfg.dataset, split=cfg.dataset_split, text_column=cfg.text_column), tokenizer,
+        cfg.context_size, bos_token_id=special["bos"], sep_token_id=special["sep"], pad_token_id=special["pad"],
+        prepend_bos=cfg.prepend_bos, concat=cfg.concat, n_contexts=None if cfg.n_chunks is None else spec.n_contexts,
+        buffer_size=cfg.shuffle_buffer, seed=cfg.seed, per_chunk=per_chunk, state=state)
+    c = stream.n_emitted // per_chunk
+    if state is not None:
+        log(f"resuming the tokens of {folder} at chunk {c} ({stream.n_docs} documents already tokenised)")
+    chunks = iter(stream)
+    first = next(chunks, None)  # raises "N tokens < one context" here, before the store exists
+    store = store or ActivationStore.create_or_resume(folder, spec)
+    bar = tqdm(total=spec.n_contexts if cfg.n_chunks else None, initial=c * per_chunk, unit="ctx", desc="tokenize")
+    saved = time.perf_counter()
+    for tokens, mask in itertools.chain([first] if first is not None else [], chunks):
+        if c >= store.spec.n_chunks:
+            store.set_rows(2 * store.spec.n_rows)
+        if len(tokens) < per_chunk:  # the last, short chunk: the store ends with it
+            store.set_rows(c * cfg.chunk_size + len(tokens) * cfg.context_size)
+        store.write_tokens(c, tokens, mask)
+        c += 1
+        bar.update(len(tokens))
+        if time.perf_counter() - saved >= STATE_SECONDS:
+            _save_state(store, stream.state())
+            saved = time.perf_counter()
+    bar.close()
+    if store.spec.n_rows != stream.n_emitted * cfg.context_size:
+        store.set_rows(stream.n_emitted * cfg.context_size)
+    store.mark_tokens_complete(stream.summary())
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(folder, STATE_FILE))
+    if cfg.n_chunks is not None and stream.n_emitted < spec.n_contexts:
+        log(f"warning: the corpus ended after {stream.n_emitted} contexts ({store.spec.n_rows} tokens), fewer than "
+            f"the {spec.n_contexts} asked for (--n_chunks {cfg.n_chunks} x {per_chunk}); storing "
+            f"{store.spec.n_rows} tokens")
+    return store
+
+
+def _save_state(store: ActivationStore, state: dict) -> None:
+    """Write the stream state atomically (a temporary file renamed into place): a kill leaves the old or the new."""
+    tmp = store.path / f".{STATE_FILE}.tmp"
+    with open(tmp, "wb") as f:
+        np.savez(f, **state)
+    os.replace(tmp, store.path / STATE_FILE)
+
+
+def _load_state(store: ActivationStore) -> dict | None:
+    path = store.path / STATE_FILE
+    if not path.exists():
+        return None
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
 
 
 class _Progress:

@@ -13,11 +13,12 @@ are contiguous and a chunk of `chunk_size` rows (a multiple of context_size) hol
 bfloat16 activations are stored as their raw bits in uint16 arrays whose attrs say
 ``{"saetool_dtype": "bfloat16"}`` (NumPy has no bfloat16; never an unnamed 2-byte void type).
 
-Commits are explicit: a writer marks chunk i in `commits` only after every array's rows of chunk i are
+Generation writes every chunk's `tokens` and `mask` first (one writer, rank 0, streaming the text), resizing
+the arrays while it learns how many rows the text fills, then records `tokens_complete`; only then are activations
+written. Commits are explicit: a writer marks chunk i in `commits` only after every hook array's rows of chunk i are
 written, and attrs["saetool"]["complete"] becomes true only when every chunk is committed. `commits` has one
-Zarr chunk per store chunk, so writers of different chunks never touch the same object on disk. Because the
-arrays are created at their final shape and never resized, no stale bytes from an earlier, longer run can
-survive: an uncommitted chunk is simply rewritten whole on resume.
+Zarr chunk per store chunk, so writers of different chunks never touch the same object on disk. An uncommitted
+chunk is simply rewritten whole on resume; resizing deletes every chunk beyond the new shape.
 
 `--keepbits k` rounds every stored value to k mantissa bits (round to nearest, ties to even: the arithmetic of
 numcodecs.BitRound) before compression; the arrays stay plain float16/float32/uint16 that any Zarr reader
@@ -101,6 +102,10 @@ class StoreSpec:
 
     def to_json(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def settings(self) -> dict:
+        """What defines the content (everything but `n_rows`, which generation learns only as the text is read)."""
+        return {k: v for k, v in self.to_json().items() if k != "n_rows"}
 
 
 def _compressors(name: str) -> list:
@@ -248,9 +253,10 @@ class ActivationStore:
             if not isinstance(meta, dict):
                 raise StoreError(
                     f"{path} exists and is not a saetool activation store; choose another --dataset_folder")
-            old = {k: meta.get(k) for k in spec.to_json()}
-            if old != spec.to_json():
-                diff = [k for k, v in spec.to_json().items() if old.get(k) != v]
+            new = spec.settings()
+            old = {k: meta.get(k) for k in new}
+            if old != new:
+                diff = [k for k, v in new.items() if old.get(k) != v]
                 raise StoreError(
                     f"{path} holds a store made with different settings ({', '.join(diff)}); "
                     "use another --dataset_folder or delete it"
@@ -293,35 +299,76 @@ class ActivationStore:
         """bool [n_chunks]: which chunks are fully written."""
         return np.asarray(self.group["commits"][:]).astype(bool)
 
-    def write_chunk(self, chunk: int, acts: dict[str, np.ndarray], tokens: np.ndarray, mask: np.ndarray) -> None:
-        """Write all rows of store chunk `chunk`, then commit it.
+    def write_tokens(self, chunk: int, tokens: np.ndarray, mask: np.ndarray) -> None:
+        """Write the token ids (int [contexts_in_chunk, context_size]) and mask (bool, same shape or flat) of store
+        chunk `chunk`. Generation writes every chunk's tokens before any activation (`mark_tokens_complete`)."""
+        start, stop = self.spec.chunk_rows(chunk)
+        c = self.spec.context_size
+        if tokens.shape != ((stop - start) // c, c) or mask.size != stop - start:
+            raise StoreError(f"chunk {chunk}: expected {stop - start} rows, got tokens {tokens.shape}, mask {mask.shape}")
+        self.group["tokens"][start // c : stop // c] = tokens.astype(np.int32)
+        self.group["mask"][start:stop] = mask.reshape(-1)
 
-        acts: {hook_name: array [rows_in_chunk, d]} already cast by `to_store_array`; tokens int [contexts_in_chunk,
-        context_size]; mask bool [rows_in_chunk]. The commit marker is written last, so a crash at any point
-        leaves the chunk uncommitted.
+    def read_tokens(self, chunk: int) -> np.ndarray:
+        """int32 [contexts_in_chunk, context_size]: the token ids of store chunk `chunk`."""
+        start, stop = self.spec.chunk_rows(chunk)
+        c = self.spec.context_size
+        return np.asarray(self.group["tokens"][start // c : stop // c])
+
+    def set_rows(self, n_rows: int) -> None:
+        """Resize every array to `n_rows` rows (a multiple of context_size) and record it; chunks beyond are deleted.
+
+        Only while the tokens are being written (one writer, no activation committed yet): generation creates the
+        store at the rows asked for (or a capacity that it doubles), then sets the rows the text filled."""
+        spec = dataclasses.replace(self.spec, n_rows=int(n_rows))
+        self.group["tokens"].resize((spec.n_contexts, spec.context_size))
+        self.group["mask"].resize((spec.n_rows,))
+        for name in spec.hook_names:
+            self.group[name].resize((spec.n_rows, spec.widths[name]))
+        self.group["commits"].resize((spec.n_chunks,))
+        self._update_meta(n_rows=spec.n_rows)
+        self.spec = spec
+
+    def mark_tokens_complete(self, packing: dict) -> None:
+        """Record that every chunk's tokens and mask are written (`tokens_complete`) with the packing counters."""
+        self._update_meta(tokens_complete=True, packing=packing)
+
+    @property
+    def tokens_complete(self) -> bool:
+        return bool(self.meta.get("tokens_complete"))
+
+    def _update_meta(self, **kv) -> None:
+        meta = dict(self.group.attrs["saetool"])
+        meta.update(kv)
+        self.group.attrs["saetool"] = meta
+        self.meta = meta
+
+    def write_chunk(self, chunk: int, acts: dict[str, np.ndarray], tokens: np.ndarray | None = None,
+                    mask: np.ndarray | None = None) -> None:
+        """Write the activations of store chunk `chunk` (and its tokens and mask, if given), then commit it.
+
+        acts: {hook_name: array [rows_in_chunk, d]} already cast by `to_store_array`; tokens, mask: as `write_tokens`
+        (generation writes them beforehand and passes neither). The commit marker is written last, so a crash at any
+        point leaves the chunk uncommitted.
         """
+        if (tokens is None) != (mask is None):
+            raise StoreError(f"chunk {chunk}: pass both tokens and mask, or neither")
+        if tokens is not None:
+            self.write_tokens(chunk, tokens, mask)
         start, stop = self.spec.chunk_rows(chunk)
         n = stop - start
-        c = self.spec.context_size
-        if tokens.shape != (n // c, c) or mask.shape != (n,):
-            raise StoreError(f"chunk {chunk}: expected {n} rows, got tokens {tokens.shape}, mask {mask.shape}")
         for name in self.spec.hook_names:
             a = acts[name]
             if a.shape != (n, self.spec.widths[name]):
                 raise StoreError(f"chunk {chunk}: {name} has shape {a.shape}, expected {(n, self.spec.widths[name])}")
             self.group[name][start:stop] = a
-        self.group["tokens"][start // c : stop // c] = tokens.astype(np.int32)
-        self.group["mask"][start:stop] = mask
         self.group["commits"][chunk] = 1
 
     def finalize(self, summary: dict) -> bool:
         """Mark the store complete if every chunk is committed; returns whether it is complete."""
         if not self.committed_chunks().all():
             return False
-        meta = dict(self.group.attrs["saetool"])
-        meta.update(complete=True, rows_committed=self.spec.n_rows, summary=summary)
-        self.group.attrs["saetool"] = meta
-        self.meta = meta
+        self._update_meta(complete=True, rows_committed=self.spec.n_rows, summary=summary)
         return True
 
     # ---- reading -------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Tests for saetool.data: loading, tokenising and packing (cases G1-G4), with hand-computed values."""
+"""Tests for saetool.data: tokenising and packing (cases G1-G4), with hand-computed values."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from tokenizers import models, pre_tokenizers, processors  # noqa: E402
 from saetool import data  # noqa: E402
 from saetool.data import (  # noqa: E402
     PackedContexts,
-    load_texts,
     pack_contexts,
     special_token_ids,
     tokenize_documents,
@@ -254,61 +253,6 @@ def test_seeded_shuffle_is_a_reproducible_permutation():
     assert not torch.equal(a.tokens, c.tokens)
     assert sorted(map(tuple, c.tokens.tolist())) == sorted(map(tuple, plain.tokens.tolist()))
     assert a.summary() == plain.summary()
-
-
-# ------------------------------------------------------------------------------------------ loading
-
-
-def test_load_texts_txt_directory(tmp_path):
-    (tmp_path / "b.txt").write_text("second doc\nline two\n")
-    (tmp_path / "a.txt").write_text("first doc")
-    (tmp_path / "notes.md").write_text("ignored")
-    ds = load_texts(str(tmp_path))
-    assert ds.column_names == ["text"]
-    assert ds["text"][:] == ["first doc", "second doc\nline two\n"]  # sorted, one row per file
-    assert load_texts(str(tmp_path / "b.txt"))["text"][:] == ["second doc\nline two\n"]
-
-
-def test_load_texts_jsonl_and_parquet_rename_column(tmp_path):
-    rows = [{"id": 1, "body": "hello world"}, {"id": 2, "body": "hi"}]
-    path = tmp_path / "docs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    ds = load_texts(str(path), text_column="body")
-    assert ds.column_names == ["text"] and ds["text"][:] == ["hello world", "hi"]
-
-    pq = tmp_path / "docs.parquet"
-    datasets.Dataset.from_dict({"id": [1, 2, 3], "content": ["a b", "", "c"]}).to_parquet(str(pq))
-    ds = load_texts(str(pq), text_column="content")
-    assert ds.column_names == ["text"] and ds["text"][:] == ["a b", "", "c"]
-
-
-def test_load_texts_missing_column_names_available_columns(tmp_path):
-    path = tmp_path / "docs.jsonl"
-    path.write_text(json.dumps({"id": 1, "body": "x"}) + "\n")
-    with pytest.raises(ValueError, match=r"'text'.*available columns: \['id', 'body'\]"):
-        load_texts(str(path))
-
-
-def test_load_texts_unloadable_dataset(monkeypatch):
-    def fail(*args, **kwargs):
-        raise ConnectionError("offline")
-
-    monkeypatch.setattr(datasets, "load_dataset", fail)  # no network call in tests
-    with pytest.raises(ValueError, match=r"dataset 'someone/nothing' is neither the embedded "
-                                         r"'shakespeare', a local file/folder, nor a loadable hub "
-                                         r"dataset \(ConnectionError: offline\)"):
-        load_texts("someone/nothing")
-    with pytest.raises(ValueError, match=r"no such file"):
-        load_texts("/nonexistent/dir/docs.jsonl")
-
-
-def test_load_texts_shakespeare():
-    ds = load_texts("shakespeare")
-    assert data.EMBEDDED_DATASET == "shakespeare"
-    assert ds.column_names == ["text"] and ds.num_rows == 42
-    first = ds[0]["text"]
-    assert first.startswith("ALL'S WELL THAT ENDS WELL")  # alls_well_that_ends_well_gut.txt
-    assert "HELENA" in first
 
 
 def test_packed_contexts_is_a_dataclass_with_required_fields():

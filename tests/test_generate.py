@@ -96,7 +96,7 @@ def test_bad_hook_fails_before_reading_text(tiny_model_dir, tmp_path, monkeypatc
     def no_text(*a, **k):
         raise AssertionError("text was read")
 
-    monkeypatch.setattr(gen, "load_texts", no_text)
+    monkeypatch.setattr(gen, "open_documents", no_text)
     with pytest.raises(ValueError, match="blocks.7.hook_resid_post"):
         gen.run_generate(config(tiny_model_dir, "unused", tmp_path / "s.zarr", locations=["residual"], layers=[7]),
                          log=quiet)
@@ -134,3 +134,89 @@ def test_keepbits_store_is_the_bitrounded_lossless_store(tiny_model_dir, text_di
     with pytest.raises(ValueError, match="--keepbits must be in 0..7 for --dtype bfloat16"):
         gen.run_generate(config(tiny_model_dir, text_dir, tmp_path / "c.zarr", keepbits=8, dtype="bfloat16", **kw),
                          log=quiet)
+
+
+def test_store_rows_are_the_documented_stream(tiny_model_dir, text_dir, tmp_path):
+    # 5 chunks of 4 contexts through a shuffle buffer of 7: the store's rows are exactly the first 20 packed
+    # contexts mixed as saetool.stream documents it, recomputed independently by the oracle of test_stream.
+    from tests.test_stream import oracle
+
+    store = gen.run_generate(config(tiny_model_dir, text_dir, tmp_path / "s.zarr", n_chunks=5, shuffle_buffer=7,
+                                    seed=11, locations=["residual"], layers=[0]), log=quiet)
+    texts = [(text_dir / f"doc{i}.txt").read_text() for i in range(4)]
+    tokens, mask = oracle(texts, context_size=16, n_contexts=20, buffer_size=7, seed=11)
+    assert np.array_equal(store.group["tokens"][:], tokens)
+    assert np.array_equal(store.group["mask"][:], mask.reshape(-1))
+    assert store.meta["packing"]["n_text_tokens"] == int(mask.sum()) and store.meta["tokens_complete"]
+    assert store.meta["summary"]["tokens_masked_out"] == 20 * 16 - int(mask.sum())
+    assert not (tmp_path / "s.zarr" / gen.STATE_FILE).exists()
+
+
+def test_corpus_ending_before_the_budget_is_stored_whole_with_a_warning(tiny_model_dir, text_dir, tmp_path):
+    messages = []
+    store = gen.run_generate(config(tiny_model_dir, text_dir, tmp_path / "s.zarr", n_chunks=1000,
+                                    locations=["residual"], layers=[0]), log=messages.append)
+    n = (sum(N_WORDS // 4 + 7 * i for i in range(4)) + 3) // 15  # every context the text fills
+    assert store.complete and store.spec.n_rows == n * 16 and store.spec.n_chunks == -(-n // 4)
+    assert (f"warning: the corpus ended after {n} contexts ({n * 16} tokens), fewer than the 4000 asked for "
+            f"(--n_chunks 1000 x 4); storing {n * 16} tokens") in messages
+    everything = gen.run_generate(config(tiny_model_dir, text_dir, tmp_path / "all.zarr", shuffle_buffer=4000,
+                                         locations=["residual"], layers=[0]), log=quiet)
+    assert np.array_equal(store.group["tokens"][:], everything.group["tokens"][:])  # same budget in effect
+
+
+def test_interrupted_tokens_resume_from_the_saved_state(tiny_model_dir, text_dir, tmp_path, monkeypatch):
+    import saetool.stream as st
+
+    kw = dict(n_chunks=6, shuffle_buffer=5, locations=["residual"], layers=[0])
+    monkeypatch.setattr(st, "TOKENIZE_DOCS", 1)  # one document per tokenisation batch
+    clean = gen.run_generate(config(tiny_model_dir, text_dir, tmp_path / "clean.zarr", **kw), log=quiet)
+    monkeypatch.setattr(gen, "STATE_SECONDS", 0.0)  # save the stream state after every chunk
+    original = ActivationStore.write_tokens
+    calls = {"n": 0}
+
+    def crashing(self, chunk, tokens, mask):
+        if calls["n"] == 3:
+            self.group["tokens"][4 * chunk] = 7  # a partial write of chunk 3
+            raise KeyboardInterrupt("killed")
+        calls["n"] += 1
+        return original(self, chunk, tokens, mask)
+
+    cfg = config(tiny_model_dir, text_dir, tmp_path / "s.zarr", **kw)
+    monkeypatch.setattr(ActivationStore, "write_tokens", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        gen.run_generate(cfg, log=quiet)
+    assert (tmp_path / "s.zarr" / gen.STATE_FILE).exists()
+    with pytest.raises(StoreError, match=r"incomplete \(0/6 chunks committed\)"):
+        ActivationStore.open(tmp_path / "s.zarr")
+    monkeypatch.setattr(ActivationStore, "write_tokens", original)
+    tokenised = []
+    encode = st.encode_texts
+    monkeypatch.setattr(st, "encode_texts", lambda tok, batch: tokenised.extend(batch) or encode(tok, batch))
+    messages = []
+    resumed = gen.run_generate(cfg, log=messages.append)
+    # chunks 0-2 (12 contexts of 15 text tokens) came from documents 0 and 1 (300 and 307 words): only
+    # the documents after the saved state are tokenised again
+    assert f"resuming the tokens of {tmp_path / 's.zarr'} at chunk 3 (1 documents already tokenised)" in messages
+    texts = [(text_dir / f"doc{i}.txt").read_text() for i in range(4)]
+    assert tokenised == texts[1:2]
+    for name in [*clean.spec.hook_names, "tokens", "mask", "commits"]:
+        assert np.array_equal(resumed.group[name][:], clean.group[name][:]), name
+    assert resumed.meta["packing"] == clean.meta["packing"]
+
+
+def test_bad_text_sources_fail_before_the_store_exists(tiny_model_dir, tmp_path, monkeypatch):
+    import datasets
+
+    (tmp_path / "d.jsonl").write_text('{"body": "the cat"}\n')
+    with pytest.raises(ValueError, match=r"text column 'text' not found; available columns: \['body'\]"):
+        gen.run_generate(config(tiny_model_dir, tmp_path / "d.jsonl", tmp_path / "a.zarr"), log=quiet)
+
+    def offline(*a, **k):
+        raise ConnectionError("Couldn't reach 'someone/corpus' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(ValueError, match=r"^dataset 'someone/corpus' is neither .* nor a loadable hub dataset "
+                                         r"\(ConnectionError: Couldn't reach"):
+        gen.run_generate(config(tiny_model_dir, "someone/corpus", tmp_path / "b.zarr"), log=quiet)
+    assert not (tmp_path / "a.zarr").exists() and not (tmp_path / "b.zarr").exists()

@@ -54,8 +54,9 @@ def build_corpus(path: Path, copies: int) -> int:
 
 def watch(cmd: list[str], store: Path, env: dict) -> dict:
     """Run `cmd`; time to the first committed chunk of `store`, total time, peak RSS of the process tree."""
+    log = open(store.parent / f"{store.name}.log", "w+")  # a file, not a pipe: a full pipe would block the child
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     root, peak, first, samples = psutil.Process(proc.pid), 0, None, []
     while proc.poll() is None:
         try:
@@ -67,7 +68,9 @@ def watch(cmd: list[str], store: Path, env: dict) -> dict:
         if first is None and (store / "commits" / "c").is_dir() and any((store / "commits" / "c").iterdir()):
             first = time.perf_counter() - start
         time.sleep(0.05)
-    out = proc.stdout.read()
+    log.seek(0)
+    out = log.read()
+    log.close()
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{out[-3000:]}")
     return {"first_chunk_s": first, "total_s": time.perf_counter() - start, "peak_rss_gb": peak / 1e9,
@@ -122,7 +125,7 @@ def main() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     results: dict = {"runs": []}
     try:
-        for size in [int(s) for s in args.sizes.split(",")]:
+        for size in [int(s) for s in args.sizes.split(",") if s]:
             corpus = tmp / f"corpus_{size}x.jsonl"
             nbytes = build_corpus(corpus, size)
             for n_procs in [int(x) for x in args.procs.split(",")]:

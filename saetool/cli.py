@@ -47,6 +47,33 @@ report.__doc__ = ("Evaluate a finished sweep (held-out metrics, spliced CE/KL, d
                   "index.html.\n\nUsage: saetool report OUTPUT_DIR [flags]\n\nFlags:\n" + _report_help())
 
 
+POSITIONALS = {"report": 1}  # commands that take positional arguments (saetool report OUTPUT_DIR)
+
+
+def _refuse_stray_arguments(fn, argv: list[str]) -> None:
+    """ValueError for an argument that is neither the command, a --flag, a flag's value, nor an allowed positional.
+
+    Fire would otherwise apply it to the command's return value, i.e. only after the work is done
+    (`--l1_values 0.001 0.01` or `--layers 3 5`: the second value). `--flag value` consumes the next argument
+    unless it starts with "--"; `--flag=value` consumes none."""
+    args = list(argv)
+    command = args.pop(0) if isinstance(fn, dict) and args and args[0] in fn else None
+    allowed, i, flag = POSITIONALS.get(command, 0), 0, None
+    while i < len(args):
+        a = args[i]
+        if a.startswith("--"):
+            flag = None if "=" in a else a
+        elif flag is not None:
+            flag = None  # the value of the preceding flag
+        elif allowed:
+            allowed -= 1
+        else:
+            where = f" (after {' '.join(args[max(0, i - 2) : i])})" if i else ""
+            raise ValueError(f"unexpected argument {a!r}{where}: pass one value per flag (lists comma-separated, "
+                             "e.g. --l1_values 0.001,0.01)")
+        i += 1
+
+
 def run_cli(fn, argv: list[str] | None = None, name: str = "saetool") -> None:
     """Run a Fire command (or a dict of commands). `--help` prints the command's flags (from the config
     dataclasses) and exits 0; ValueError (bad input) becomes one line on stderr and exit status 2."""
@@ -62,6 +89,7 @@ def run_cli(fn, argv: list[str] | None = None, name: str = "saetool") -> None:
         print(target.__doc__)
         sys.exit(0)
     try:
+        _refuse_stray_arguments(fn, argv)
         fire.Fire(fn, command=argv, name=name)
     except ValueError as e:
         print(f"{name}: error: {e}", file=sys.stderr)

@@ -7,6 +7,7 @@ raise ValueError with a one-line message naming the flag.
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import inspect
 import sys
@@ -290,6 +291,21 @@ def markdown_flags(cls) -> str:
     return "\n".join(lines)
 
 
+def _integer(value):
+    """int(value) for ints, integral floats and their strings; ValueError for anything else (3.5, "3.5", True)."""
+    if isinstance(value, bool):
+        raise ValueError(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return int(value)
+    f = float(value)
+    if not f.is_integer():
+        raise ValueError(value)
+    return int(f)
+
+
 def _as_list(value, item_type, name: str):
     if value is None:
         return None
@@ -298,7 +314,7 @@ def _as_list(value, item_type, name: str):
     elif not isinstance(value, (list, tuple)):
         value = [value]
     try:
-        return [item_type(v) for v in value]
+        return [(_integer if item_type is int else item_type)(v) for v in value]
     except (TypeError, ValueError):
         raise ValueError(f"--{name} expects a list of {item_type.__name__}, got {value!r}") from None
 
@@ -324,9 +340,10 @@ def build(cls, kwargs: dict):
             if not isinstance(value, bool):
                 raise ValueError(f"--{name} expects True or False, got {value!r}")
         elif hint.startswith("int") and value is not None:
-            if isinstance(value, bool) or not float(value).is_integer():
-                raise ValueError(f"--{name} expects an integer, got {value!r}")
-            value = int(value)
+            try:
+                value = _integer(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"--{name} expects an integer, got {value!r}") from None
         elif hint.startswith("float") and value is not None:
             try:
                 value = float(value)

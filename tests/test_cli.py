@@ -25,11 +25,50 @@ def test_flags_are_parsed_into_typed_fields():
     ({"no_such_flag": 1}, "unknown flag --no_such_flag"),
     ({"chunk_size": 100}, "--chunk_size must be a positive multiple of context_size=128"),
     ({"n_chunks": 1.5}, "--n_chunks expects an integer"),
+    ({"n_chunks": "2.5"}, "--n_chunks expects an integer, got '2.5'"),
+    ({"batch_size": True}, "--batch_size expects an integer, got True"),
+    ({"layers": 3.5}, r"--layers expects a list of int, got \[3.5\]"),
+    ({"layers": "3,4.5"}, r"--layers expects a list of int, got \['3', '4.5'\]"),
     ({"dtype": "int8"}, "--dtype must be float16, bfloat16 or float32"),
 ])
 def test_bad_generate_flags(kwargs, message):
     with pytest.raises(ValueError, match=message):
         build(GenerateConfig, kwargs)
+
+
+def test_integral_values_are_accepted_as_integers():
+    cfg = build(GenerateConfig, {"layers": "3,4.0", "n_chunks": "2", "batch_size": 8.0})
+    assert cfg.layers == [3, 4] and cfg.n_chunks == 2 and cfg.batch_size == 8
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["sweep", "--l1_values", "0.001", "0.01"], "unexpected argument '0.01' (after --l1_values 0.001)"),
+    (["generate", "--layers", "3", "5"], "unexpected argument '5' (after --layers 3)"),
+    (["sweep", "stray", "--ratio", "4"], "unexpected argument 'stray'"),
+    (["report", "out", "extra"], "unexpected argument 'extra' (after out)"),
+    (["generate", "--layers=3", "5"], "unexpected argument '5' (after --layers=3)"),
+])
+def test_stray_arguments_are_refused_before_any_work(monkeypatch, capsys, argv, message):
+    from saetool import cli
+
+    def work(*a, **k):
+        raise AssertionError("the command ran")
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.run_cli({"generate": work, "sweep": work, "report": work}, argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"saetool: error: {message}") and "\n" not in err
+
+
+def test_flag_values_and_the_report_folder_are_not_stray(monkeypatch):
+    from saetool import cli
+
+    seen = []
+    commands = {"generate": lambda **k: seen.append(k), "report": lambda output_dir=None, **k: seen.append(output_dir)}
+    cli.run_cli(commands, ["generate", "--layers", "3,5", "--prepend_bos", "--concat=False", "--seed", "2"])
+    cli.run_cli(commands, ["report", "runs/x", "--max_rows", "4"])
+    assert seen[0] == {"layers": (3, 5), "prepend_bos": True, "concat": False, "seed": 2} and seen[1] == "runs/x"
 
 
 def test_every_field_has_help():

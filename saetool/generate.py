@@ -119,15 +119,7 @@ def run_generate(cfg: GenerateConfig, dist: Dist | None = None, log=print) -> Ac
     model = load_model(cfg.model, device=cfg.device, dtype=cfg.model_dtype)
     validate_hook_names(model, hook_names)
     widths = hook_widths(model, hook_names)
-    n_rows = (cfg.n_chunks or GROW_CHUNKS) * cfg.chunk_size  # the budget, or a first capacity (then doubled)
-    spec = StoreSpec(
-        model=cfg.model, dataset=cfg.dataset, hook_names=hook_names, widths=widths,
-        n_rows=n_rows, context_size=cfg.context_size, chunk_size=cfg.chunk_size,
-        dtype=cfg.dtype, compression=cfg.compression, bos_policy=bos_policy(cfg), seed=cfg.seed, keepbits=cfg.keepbits,
-        extra={"dataset_split": cfg.dataset_split, "text_column": cfg.text_column, "prepend_bos": cfg.prepend_bos,
-               "concat": cfg.concat, "model_dtype": cfg.model_dtype, "shuffle_buffer": cfg.shuffle_buffer,
-               "n_chunks_asked": cfg.n_chunks},
-    )
+    spec = store_spec(cfg, hook_names, widths)
     with main_process_first(dist):  # rank 0 writes the tokens; then the others open the store it wrote
         if dist.is_main:
             store = write_tokens(cfg, spec, model.tokenizer, log)
@@ -156,35 +148,8 @@ def run_generate(cfg: GenerateConfig, dist: Dist | None = None, log=print) -> Ac
                desc=f"generate ({dist.world_size} proc)" if dist.active else "generate")
     progress = _Progress(bar, store, rows_of, dist.world_size) if dist.is_main else None
 
-    def write(c: int, parts: dict[str, list[np.ndarray]]) -> int:
-        store.write_chunk(c, {h: np.concatenate(p) for h, p in parts.items()})
-        return c
-
-    def committed(future) -> None:
-        c = future.result()  # re-raises a failed write here, in the main thread
-        if progress:
-            progress.committed(c)
-
     start = time.perf_counter()
-    # One writer thread compresses and writes chunk c while the model computes chunk c+1 (Blosc/zstd release the
-    # GIL); at most one chunk waits, so memory stays at two chunks. Chunk c is committed by its own write.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="saetool-writer") as writer:
-        pending = None
-        for c in mine:
-            ctx = torch.from_numpy(store.read_tokens(c)).long()
-            parts: dict[str, list[np.ndarray]] = {h: [] for h in hook_names}
-            for i in range(0, len(ctx), cfg.batch_size):
-                batch = ctx[i : i + cfg.batch_size].to(cfg.device)
-                acts = record_activations(model, batch, hook_names)
-                for h in hook_names:
-                    parts[h].append(to_store_array(acts[h], cfg.dtype, h, cfg.keepbits))
-                if progress:
-                    progress.own(batch.numel())
-            if pending is not None:
-                committed(pending)
-            pending = writer.submit(write, c, parts)
-        if pending is not None:
-            committed(pending)
+    record_chunks(cfg, store, model, mine, progress)
     if progress:
         progress.wait_for_all()  # rank 0 keeps the bar moving until the other ranks' chunks are committed
     seconds = time.perf_counter() - start
@@ -208,6 +173,56 @@ def run_generate(cfg: GenerateConfig, dist: Dist | None = None, log=print) -> Ac
                 f"{'' if cfg.keepbits is None else f', keepbits {cfg.keepbits}'}), {summary['ratio_to_fp32']}x "
                 f"smaller than fp32, {summary['tokens_per_s']:.0f} tokens/s; packing: {packing}")
     return store
+
+
+def store_spec(cfg: GenerateConfig, hook_names: list[str], widths: dict[str, int]) -> StoreSpec:
+    """The store's settings for `cfg`; n_rows is the budget (--n_chunks x --chunk_size) or, without --n_chunks, a
+    first capacity of GROW_CHUNKS chunks that `write_tokens` doubles and finally sets to the rows the text filled."""
+    return StoreSpec(
+        model=cfg.model, dataset=cfg.dataset, hook_names=hook_names, widths=widths,
+        n_rows=(cfg.n_chunks or GROW_CHUNKS) * cfg.chunk_size, context_size=cfg.context_size,
+        chunk_size=cfg.chunk_size, dtype=cfg.dtype, compression=cfg.compression, bos_policy=bos_policy(cfg),
+        seed=cfg.seed, keepbits=cfg.keepbits,
+        extra={"dataset_split": cfg.dataset_split, "text_column": cfg.text_column, "prepend_bos": cfg.prepend_bos,
+               "concat": cfg.concat, "model_dtype": cfg.model_dtype, "shuffle_buffer": cfg.shuffle_buffer,
+               "n_chunks_asked": cfg.n_chunks},
+    )
+
+
+def record_chunks(cfg: GenerateConfig, store: ActivationStore, model, chunks: list[int], progress=None) -> None:
+    """Run the model over the stored tokens of each chunk of `chunks`, write its activations and commit it.
+
+    One writer thread compresses and writes chunk c while the model computes chunk c+1 (Blosc/zstd release the
+    GIL); at most one chunk waits, so memory stays at two chunks. Chunk c is committed by its own write; a failed
+    write re-raises here, in the calling thread."""
+    hook_names = store.spec.hook_names
+
+    def write(c: int, parts: dict[str, list[np.ndarray]]) -> int:
+        store.write_chunk(c, {h: np.concatenate(p) for h, p in parts.items()})
+        return c
+
+    def committed(future) -> None:
+        c = future.result()
+        if progress:
+            progress.committed(c)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="saetool-writer") as writer:
+        pending = None
+        for c in chunks:
+            ctx = torch.from_numpy(store.read_tokens(c)).long()
+            parts: dict[str, list[np.ndarray]] = {h: [] for h in hook_names}
+            for i in range(0, len(ctx), cfg.batch_size):
+                batch = ctx[i : i + cfg.batch_size].to(cfg.device)
+                acts = record_activations(model, batch, hook_names)
+                for h in hook_names:
+                    parts[h].append(to_store_array(acts[h], cfg.dtype, h, cfg.keepbits))
+                if progress:
+                    progress.own(batch.numel())
+            if pending is not None:
+                committed(pending)
+            pending = writer.submit(write, c, parts)
+        if pending is not None:
+            committed(pending)
 
 
 def write_tokens(cfg: GenerateConfig, spec: StoreSpec, tokenizer, log=print) -> ActivationStore:

@@ -8,7 +8,7 @@ import pytest
 
 datasets = pytest.importorskip("datasets")
 
-from saetool import text  # noqa: E402
+from saetool import text
 
 
 def docs(*args, **kwargs) -> list[str]:

@@ -33,7 +33,7 @@ from saetool.fused import fused_loss_and_grads
 from saetool.loader import BatchLoader
 from saetool.metrics import fvu
 from saetool.store import ActivationStore
-from saetool.sweep import train_batch_fused
+from saetool.train.step import train_batch_fused
 
 
 def matmul_peak(batch: int, d_in: int, d_sae: int, dtype: torch.dtype, repeats: int = 10) -> float:

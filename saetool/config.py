@@ -182,8 +182,12 @@ class SweepConfig:
     compile: bool | None = None
     """torch.compile the step; None = auto: on CUDA, and on CPU for fused-kernel runs of >= 100 steps (compiling
     costs tens of seconds once; see the README's benchmark)."""
+    precision: str = "fp32"
+    """Matmul precision of the step: fp32; bf16 (bf16 operands, fp32 accumulation; master weights, gradients and
+    Adam stay fp32; the fused kernel or autograd under autocast); auto (bf16 on CUDA with bf16 support and on CPUs
+    whose measured bf16 matmul is >= 1.2x fp32, else fp32; the log says which)."""
     autocast: str = "none"
-    """Mixed precision for forward/backward: none or bf16 (weights and Adam stay fp32)."""
+    """Deprecated alias: `--autocast bf16` is `--precision bf16`."""
     report: bool = True
     """After training, write OUTPUT_DIR/report/index.html (plots, member table; `saetool report` has more options)."""
     report_contexts: int = 8
@@ -195,6 +199,11 @@ class SweepConfig:
     """Save weights, Adam state and data position every N steps (0 = never) to OUTPUT_DIR/checkpoint/."""
     resume: bool = False
     """Continue from OUTPUT_DIR/checkpoint/ (same settings) to exactly the uninterrupted result."""
+
+    @property
+    def step_precision(self) -> str:
+        """--precision, with the deprecated --autocast bf16 read as --precision bf16."""
+        return "bf16" if self.autocast == "bf16" else self.precision
 
     def validate(self) -> None:
         _check(self.ratio > 0, "ratio", "must be > 0")
@@ -240,6 +249,9 @@ class SweepConfig:
         _check(not (self.tied and self.architecture != "standard"), "tied", "applies to architecture standard only")
         _check(self.parallel in ("data", "members"), "parallel", "must be data or members")
         _check(self.autocast in ("none", "bf16"), "autocast", "must be none or bf16")
+        _check(self.precision in ("fp32", "bf16", "auto"), "precision", "must be fp32, bf16 or auto")
+        _check(self.autocast == "none" or self.precision in ("fp32", "bf16"), "autocast",
+               "is a deprecated alias of --precision bf16; pass only --precision")
         _check(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
         _check(self.kernel in ("auto", "fused", "autograd"), "kernel", "must be auto, fused or autograd")
         _check(self.member_group >= 0, "member_group", "must be >= 0")

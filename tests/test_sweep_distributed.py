@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import saetool.sweep as sweep_mod
+import saetool.train.step as step_mod
 from saetool.config import SweepConfig
 from saetool.io import load_sweep, read_index
 from tests.helpers import interrupt_on_call
@@ -94,7 +95,7 @@ def test_d1_uneven_data_completes_with_equal_steps(tmp_path, n_rows, n_procs):
 
 
 def test_resume_after_interruption_equals_uninterrupted(store, reference, tmp_path, monkeypatch):
-    interrupt_on_call(monkeypatch, sweep_mod, "train_batch_fused", 8)
+    interrupt_on_call(monkeypatch, step_mod, "train_batch_fused", 8)
     with pytest.raises(KeyboardInterrupt):
         single(store, tmp_path / "out", checkpoint_every=3)
     monkeypatch.undo()

@@ -7,6 +7,9 @@ import pytest
 import torch
 
 import saetool.sweep as sweep_mod
+import saetool.train.logs as logs_mod
+import saetool.train.setup as setup_mod
+import saetool.train.step as step_mod
 from saetool.config import SweepConfig
 from saetool.io import load_sweep
 from saetool.recipes import geometric_median
@@ -31,7 +34,7 @@ def sweep(store, out, log=None, ratio=2, **kw):
 
 
 def test_lr_warmup_restarts_at_every_resampling_and_decays(store, tmp_path, monkeypatch):
-    monkeypatch.setattr(sweep_mod, "LOG_EVERY", 1)
+    monkeypatch.setattr(logs_mod, "LOG_EVERY", 1)
     lines = []
     # d_sae 64 and k 1, 2: at most 60 latents fire in a batch of 30, so some are dead (window: one batch) at
     # every resampling
@@ -51,7 +54,7 @@ def test_resume_with_auxk_and_resampling_equals_uninterrupted(store, tmp_path, m
     kw = {"architecture": "topk", "k_values": [2, 3], "auxk_coefficient": 1 / 32, "k_aux": 4, "resample_every": 7,
           "dead_window": 60, "grad_clip_norm": 0.5}
     sweep(store, tmp_path / "ref", **kw)
-    interrupt_on_call(monkeypatch, sweep_mod, "train_step", 13)
+    interrupt_on_call(monkeypatch, step_mod, "train_step", 13)
     with pytest.raises(KeyboardInterrupt):
         sweep(store, tmp_path / "out", checkpoint_every=5, **kw)
     monkeypatch.undo()
@@ -69,8 +72,8 @@ def test_b_dec_init_geometric_median_and_mean(store):
     hook = s.resolve_hook(None)
     rows = (0, 560)
     x = s.read_rows(hook, *rows, torch.float64)
-    torch.testing.assert_close(sweep_mod._b_dec_init("mean", s, hook, rows), x.mean(0).float())
-    median = sweep_mod._b_dec_init("geometric_median", s, hook, rows)
+    torch.testing.assert_close(setup_mod.b_dec_init("mean", s, hook, rows), x.mean(0).float())
+    median = setup_mod.b_dec_init("geometric_median", s, hook, rows)
     torch.testing.assert_close(median, geometric_median(x).float())
     # the geometric median minimises the summed distances: moving it in any axis direction costs more
     def cost(m):
@@ -80,7 +83,7 @@ def test_b_dec_init_geometric_median_and_mean(store):
         step = torch.zeros(8)
         step[j] = 1e-2
         assert cost(median) < cost(median + step) and cost(median) < cost(median - step)
-    assert sweep_mod._b_dec_init("zeros", s, hook, rows) is None
+    assert setup_mod.b_dec_init("zeros", s, hook, rows) is None
 
 
 def test_wandb_project_logs_every_member_to_a_run(store, tmp_path, monkeypatch):

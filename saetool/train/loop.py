@@ -1,0 +1,178 @@
+"""The training loop: every (epoch, batch) of the run, from a checkpoint's position or the start.
+
+Per step: the learning-rate schedule (warm-up, restarts at resamplings, decay) and the L1/L0 coefficient
+warm-up are set, the step trains every member on the batch, the dead-latent counters advance (summed over
+data-parallel ranks), dead latents are resampled every `resample_every` steps, and the step is logged. Snapshots
+(after every repetition, or every store chunk with --save_after_every) and checkpoints (--checkpoint_every) are
+written at the same points in a resumed run as in an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from saetool.recipes import DeadLatentTracker, coefficient_multiplier, lr_multiplier, resample_dead_latents
+from saetool.train.checkpoint import fingerprint
+from saetool.train.feed import device_batches
+from saetool.train.logs import TrainLogger
+from saetool.train.outputs import save_sweep
+from saetool.train.setup import SweepRun
+from saetool.train.step import Step
+
+
+@dataclass
+class Position:
+    """Where training stands: the epoch, the next batch of that epoch, and the steps and rows trained so far."""
+
+    epoch: int = 0
+    batch: int = 0
+    steps: int = 0
+    tokens: int = 0
+
+
+@dataclass
+class Trained:
+    """train()'s result: the summary written to sweep.json's "training", and the open logger (for eval metrics)."""
+
+    summary: dict
+    logger: TrainLogger
+
+
+def describe(run: SweepRun, step: Step) -> str:
+    """The one-line summary printed before training."""
+    cfg, dist, param = run.cfg, run.dist, run.ensemble.arch.SWEEP_PARAM
+    values = run.hyper[param]
+    return (f"sweep: {run.n_members} {cfg.architecture} SAEs ({param} {values[0]:.3g}..{values[-1]:.3g}), "
+            f"d_in {run.ensemble.d_in}, d_sae {run.ensemble.d_sae}, hook {run.hook}, {run.loader.n_rows} training "
+            f"rows x {cfg.n_repetitions}, device {cfg.device}, {dist.world_size} process(es)"
+            + (f", parallel {cfg.parallel}" if dist.active else "") + f", {step.describe()}")
+
+
+def train(run: SweepRun, step: Step, state: dict | None, log=print) -> Trained:
+    """Train `run` with `step` from a loaded checkpoint `state` (or from scratch for None)."""
+    cfg, dist = run.cfg, run.dist
+    tracker = None
+    if cfg.auxk_coefficient or cfg.resample_every:
+        tracker = DeadLatentTracker(len(run.local), run.ensemble.d_sae, cfg.dead_window, cfg.device)
+    at = _restore(run, tracker, state)
+    logger = TrainLogger(run, at.steps, at.tokens, log)
+    restarts = range(cfg.resample_every, run.total_steps, cfg.resample_every) if cfg.resample_every else ()
+    start, trained_here = time.perf_counter(), 0
+    for epoch in range(at.epoch, cfg.n_repetitions):
+        first = at.batch if epoch == at.epoch else 0
+        snapshots = _SnapshotClock(run.store.spec.chunk_size, cfg.save_after_every, first, cfg.batch_size)
+        for i, (x, x_local) in enumerate(device_batches(run, epoch, first), start=first):
+            lr = _set_schedules(run, at.steps, restarts)
+            dead = tracker.dead if tracker is not None and cfg.auxk_coefficient else None
+            stats = step(x_local, len(x), dead)
+            fired = stats.pop("fired")
+            at.steps += 1
+            if tracker is not None:
+                _track_dead(run, tracker, fired, x, at.steps, log)
+            at.tokens += len(x)
+            trained_here += len(x)
+            logger.step(stats, at.steps, at.tokens, len(x), lr)
+            chunk = snapshots.due(len(x))
+            if chunk is not None:
+                save_sweep(run, run.out / "snapshots" / f"epoch_{epoch}_chunk_{chunk}", None, {})
+            if cfg.checkpoint_every and at.steps % cfg.checkpoint_every == 0:
+                _checkpoint(run, step, tracker, Position(epoch, i + 1, at.steps, at.tokens))
+        if epoch < cfg.n_repetitions - 1:
+            save_sweep(run, run.out / "snapshots" / f"epoch_{epoch}", None, {})
+    logger.close()
+    seconds = time.perf_counter() - start
+    rate = trained_here / max(seconds, 1e-9)
+    resumed = f" ({trained_here} tokens in this run)" if trained_here != at.tokens else ""
+    log(f"trained {at.steps} steps, {at.tokens} tokens{resumed}; this run {seconds:.1f} s ({rate:.0f} tokens/s, "
+        f"{rate * run.n_members:.0f} SAE-tokens/s)")
+    summary = {"steps": at.steps, "tokens": at.tokens, "seconds_this_run": round(seconds, 2),
+               "tokens_per_s": round(rate, 1), "sae_tokens_per_s": round(rate * run.n_members, 1),
+               "world_size": dist.world_size, "parallel": cfg.parallel if dist.active else "none",
+               "compiled": step.compiled, "kernel": "fused" if step.fused else "autograd", "precision": step.precision}
+    return Trained(summary, logger)
+
+
+class _SnapshotClock:
+    """--save_after_every: a snapshot each time the epoch's rows pass another store chunk (at most one per batch).
+    A resumed epoch first replays its `skipped` full batches without saving, so snapshots fall where they would."""
+
+    def __init__(self, chunk_size: int, enabled: bool, skipped: int, batch_size: int):
+        self.chunk_size, self.enabled = chunk_size, enabled
+        self.rows, self.next = 0, chunk_size
+        for _ in range(skipped):
+            self.due(batch_size)
+
+    def due(self, n_rows: int) -> int | None:
+        """After a batch of n_rows: the chunk number of a snapshot to save now, or None."""
+        self.rows += n_rows
+        if not self.enabled or self.rows < self.next:
+            return None
+        self.next += self.chunk_size
+        return self.rows // self.chunk_size
+
+
+def _restore(run: SweepRun, tracker: DeadLatentTracker | None, state: dict | None) -> Position:
+    """Load a checkpoint's weights, Adam state, RNG and dead-latent counters; its position (or the start)."""
+    if state is None:
+        return Position()
+    run.ensemble.load_state_dict(state["ensemble"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    if tracker is not None:
+        tracker.since.copy_(state["dead_since"])
+    return Position(state["epoch"], state["batch_in_epoch"], state["steps"], state["tokens"])
+
+
+def _checkpoint(run: SweepRun, step: Step, tracker: DeadLatentTracker | None, at: Position) -> None:
+    run.checkpointer.save({"ensemble": run.ensemble.state_dict(), "optimizer": run.optimizer.state_dict(),
+                           "epoch": at.epoch, "batch_in_epoch": at.batch, "steps": at.steps, "tokens": at.tokens,
+                           "torch_rng": torch.get_rng_state(), "fingerprint": fingerprint(run.cfg, run.dist),
+                           "precision": step.precision,
+                           "dead_since": tracker.since.cpu() if tracker is not None else None}, at.steps)
+
+
+def _set_schedules(run: SweepRun, steps: int, restarts) -> float:
+    """Set step `steps`'s learning rate (returned) and coefficient warm-up."""
+    cfg, ensemble = run.cfg, run.ensemble
+    lr = cfg.adam_lr * lr_multiplier(steps, cfg.lr_warmup_steps, run.total_steps, cfg.lr_decay_steps, restarts)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    coefficient = next((h for h in ("l1_coefficient", "l0_coefficient") if h in ensemble.hyperparams), None)
+    if coefficient and cfg.l1_warmup_steps:
+        base = torch.tensor(ensemble.hyperparams[coefficient], dtype=torch.float64)
+        getattr(ensemble, coefficient).copy_(base * coefficient_multiplier(steps, cfg.l1_warmup_steps))
+    return lr
+
+
+def _track_dead(run: SweepRun, tracker: DeadLatentTracker, fired: torch.Tensor, x: torch.Tensor, steps: int,
+                log) -> None:
+    """Advance the dead-latent counters by the global batch x; resample every --resample_every steps."""
+    cfg = run.cfg
+    if run.data_parallel:
+        fired = run.dist.all_reduce_sum(fired.int()) > 0
+    tracker.update_fired(fired, len(x))
+    if cfg.resample_every and steps % cfg.resample_every == 0 and steps < run.total_steps:
+        _resample(run, x.to(cfg.device).float() * run.scale, tracker, steps, log)
+
+
+@torch.no_grad()
+def _resample(run: SweepRun, x: torch.Tensor, tracker: DeadLatentTracker, step: int, log) -> None:
+    """Resample this rank's members' dead latents on the full batch x (every rank holds it, so data-parallel
+    ranks agree); member i draws from its own generator seeded by (seed, step, i), so the result does not
+    depend on how members are split across ranks. The dead latents then count as fresh."""
+    ensemble, dead = run.ensemble, tracker.dead
+    if not dead.any():
+        return
+    buffers = {n: getattr(ensemble, n).clone() for n in ensemble.buffer_names}
+    x_hat, _ = ensemble(x)  # the training forward (BatchTopK: batch top-k), without its buffer update:
+    for n, value in buffers.items():
+        getattr(ensemble, n).copy_(value)
+    generators = [torch.Generator().manual_seed(run.cfg.seed * 1_000_003 + step * 65_537 + i) for i in run.local]
+    W_enc = ensemble.W_enc if ensemble.tied else ensemble.W_enc_param
+    counts = resample_dead_latents(W_enc, ensemble.W_dec, ensemble.b_enc, dead, x, x_hat, generators,
+                                   run.optimizer)
+    tracker.since[dead] = 0
+    log(f"step {step}: resampled {int(counts.sum())} dead latents ({counts.tolist()} per member)")

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import torch
 
 from saetool.distributed import split_evenly
-import itertools
+from saetool.loader import DeviceFeed
 
 
 def device_batches(run, epoch: int, first_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -23,11 +23,10 @@ def device_batches(run, epoch: int, first_batch: int = 0) -> Iterator[tuple[torc
     dist = run.dist
 
     def shares():
-        for x in itertools.islice(run.loader.epoch(epoch), first_batch, None):
+        for x in run.loader.epoch(epoch, start_batch=first_batch):
             rows = split_evenly(len(x), dist.world_size, dist.rank) if run.data_parallel else range(len(x))
             yield x, x[rows.start : rows.stop]
 
-    for x, x_local in shares():
-        x_local = x_local.to(run.cfg.device)
+    for x, x_local in DeviceFeed(shares(), run.cfg.device):
         x_local = x_local.float()
         yield x, (x_local * run.scale if run.scale != 1.0 else x_local)

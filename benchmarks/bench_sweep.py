@@ -20,6 +20,7 @@ Writes runs/bench/sweep.json and runs/bench/sweep.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from pathlib import Path
@@ -88,13 +89,16 @@ class PlainSAE(nn.Module):
 
 def run_saetool(variant, l1, d_in, d_sae, mean, batches, eval_x, warmup, group=4, compile_=False, autocast=False,
                 grouped=False):
-    """variant "fused" (members in groups of `group`) or "autograd" (stacked, or in groups of `group` if grouped)."""
+    """variant "fused" (members in groups of `group`; bf16 matmul operands with autocast) or "autograd" (stacked,
+    or in groups of `group` if grouped; under bf16 autocast with autocast)."""
     ens = SAEEnsemble("standard", d_in, d_sae, {"l1_coefficient": l1}, seeds=list(range(len(l1))), decoder_norm_l1=True)
     clip = 1.0 / d_in
     ens.set_b_dec(mean)
     opt = torch.optim.Adam(ens.parameters(), lr=1e-3, eps=1e-8 / d_in)  # SAELens eps 1e-8 on a loss x d_in
     if variant == "fused":
         fn = torch.compile(fused_loss_and_grads) if compile_ else fused_loss_and_grads
+        if autocast:
+            fn = functools.partial(fn, compute_dtype=torch.bfloat16)
 
         def step(x):
             train_batch_fused(ens, opt, x, len(x), group, fn, grad_clip_norm=clip)
@@ -190,8 +194,8 @@ def main():
     d_sae = int(d_in * args.ratio)
     n_steps = max(args.warmup, 2) + args.steps
     loader = BatchLoader(store, hook, args.batch_size, (0, store.spec.n_rows - 8192), seed=0)
-    batches = [x for _, x in zip(range(n_steps), loader.epoch(0))]
-    eval_x = BatchLoader(store, hook, 8192, (store.spec.n_rows - 8192, store.spec.n_rows)).epoch(0).__next__()
+    batches = [x.float() for _, x in zip(range(n_steps), loader.epoch(0))]  # the store's fp16 rows, as fp32
+    eval_x = BatchLoader(store, hook, 8192, (store.spec.n_rows - 8192, store.spec.n_rows)).epoch(0).__next__().float()
     mean = torch.cat(batches).mean(0)
     l1 = [float(v) for v in np.logspace(-3, -1, args.n_members)]
     flops_per_step = 10 * args.batch_size * d_in * d_sae * args.n_members
@@ -228,8 +232,15 @@ def main():
     if "saelens" not in skip:
         record("SAELens, one SAE after another", "fp32", *run_saelens(*common))
     if "bf16" not in skip:
-        record("saetool autograd groups of 4, bf16 autocast", "bf16",
-               *run_saetool("autograd", *common, autocast=True, grouped=True))
+        g = int(args.groups.split(",")[-1] if "4" not in args.groups.split(",") else 4)
+        record(f"saetool fused bf16, groups of {g}", "bf16", *run_saetool("fused", *common, group=g, autocast=True))
+        if "compiled" not in skip:
+            warm = (*common[:-1], max(args.warmup, 2))
+            record(f"saetool fused bf16 compiled, groups of {g}", "bf16",
+                   *run_saetool("fused", *warm, group=g, compile_=True, autocast=True))
+        if "autograd" not in skip:
+            record("saetool autograd groups of 4, bf16 autocast", "bf16",
+                   *run_saetool("autograd", *common, autocast=True, grouped=True))
         if "saelens" not in skip:
             record("SAELens, bf16 autocast", "bf16", *run_saelens(*common, autocast=True))
 

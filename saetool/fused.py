@@ -22,6 +22,21 @@ processed in groups of `group_size`, so only [group, B, d_sae] intermediates are
 traffic of one [n_members, B, d_sae] stack made a single big bmm slower than a loop on CPU); (3) buffers are
 reused in place and no autograd graph is built. The elementwise parts (mask, bias, L1 term) are cheap next
 to the five matmuls; `torch.compile` can fuse them further.
+
+bf16 compute (compute_dtype=torch.bfloat16; None keeps the fp32 path above unchanged). The five big matmuls take
+bf16 operands; torch's bf16 matmuls accumulate in fp32 internally and round their result to bf16:
+    bf16: x (cast once per call), W_enc[g] / W_dec[g] (cast once per member group; tied: W_enc = W_dec^T of the
+          bf16 copy), pre (x W_enc, plus the folded bias added in bf16), f, x_hat as the decoder matmul returns
+          it, g_xhat's bf16 copy (the operand of dW_dec and g_f), g_f / g_pre (l1 term added and mask applied in
+          bf16), and the raw results of dW_dec = f^T g_xhat and x^T g_pre before their upcast.
+    fp32: the master weights and biases, the folded bias b_enc - b_dec W_enc, e = x_hat - x (x_hat upcast, b_dec
+          added in fp32) and g_xhat, the statistics (mse, l0, sparsity, loss, fired), sum_rows f and sum_rows g_pre
+          (bf16 inputs summed with fp32 accumulation), the decoder norms and every gradient written to `.grad`
+          (matmul results upcast, then the b_dec / L1-norm corrections applied in fp32).
+So only [G, B, D]-sized tensors are converted (x_hat up, g_xhat down); the [G, B, d_sae] ones stay bf16.
+Folding b_dec into the bias makes pre = x W_enc - b_dec W_enc a difference of two terms: in bf16 its error is
+~2^-8 |x W_enc|, not |pre|, so an input whose mean is much larger than its spread loses relative precision
+(centre the data, e.g. saetool's b_dec init from the data mean does not remove it from x).
 """
 
 from __future__ import annotations
@@ -35,11 +50,13 @@ FUSED_ARCHITECTURES = ("standard", "topk")
 
 @torch.no_grad()
 def fused_loss_and_grads(ensemble: SAEEnsemble, x: torch.Tensor, n_total: int, group_size: int,
-                         grad_scale: float = 1.0) -> dict[str, torch.Tensor]:
+                         grad_scale: float = 1.0, compute_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Write every member's gradient into the parameters' `.grad` and return the batch statistics.
 
     x: this process's rows [rows, d_in] (float32, or the ensemble's dtype); n_total: the global batch size the
     losses are normalised by (see SAEEnsemble.losses); group_size: members per batched matmul.
+    compute_dtype: None (the parameters' dtype throughout) or torch.bfloat16: the five big matmuls take bf16
+    operands (see the module docstring); gradients, statistics and parameters stay in the parameters' dtype.
     Returns {"loss", "mse", "sparsity", "l0"} each [n_members] (normalised by n_total) and "fired" [n_members,
     d_sae], as loss_and_stats.
     Raises ValueError for architectures without a fused kernel, or AuxK (use the autograd path).
@@ -60,18 +77,32 @@ def fused_loss_and_grads(ensemble: SAEEnsemble, x: torch.Tensor, n_total: int, g
     l1 = hp.get("l1_coefficient")
     stats = {k: x.new_zeros(N, dtype=torch.float32) for k in ("mse", "sparsity", "l0")}
     fired = torch.zeros(N, ensemble.d_sae, dtype=torch.bool, device=x.device)
-    xt = x.t()
+    low = compute_dtype is not None and compute_dtype != W_dec.dtype
+    if low:
+        x = x.to(W_dec.dtype)                                                                # the fp32 target
+        x_lo = x.to(compute_dtype)                                                           # once per call
+        xt = x_lo.t()
+    else:
+        xt = x.t()
     for g0 in range(0, N, group_size):
         g = slice(g0, min(N, g0 + group_size))
         We, Wd, bd = W_enc[g], W_dec[g], b_dec[g]
         bias = b_enc[g] - torch.bmm(bd.unsqueeze(1), We).squeeze(1)                       # [G, S]
-        pre = torch.matmul(x, We).add_(bias.unsqueeze(1))                                   # [G, B, S]
         group_hp = {k: v[g] for k, v in hp.items() if torch.is_tensor(v)}
         if "k" in group_hp:
             group_hp["k_max"] = max(ensemble.hyperparams["k"][g])
-        f = ensemble.arch.activation(pre, group_hp)
-        del pre
-        e = torch.baddbmm(bd.unsqueeze(1), f, Wd).sub_(x)                                  # x_hat - x [G, B, D]
+        if low:
+            Wd_lo = Wd.to(compute_dtype)                                                     # once per group
+            We_lo = Wd_lo.transpose(1, 2) if ensemble.tied else We.to(compute_dtype)
+            pre = torch.matmul(x_lo, We_lo).add_(bias.to(compute_dtype).unsqueeze(1))       # bf16 [G, B, S]
+            f = ensemble.arch.activation(pre, group_hp)                                      # bf16
+            del pre
+            e = torch.bmm(f, Wd_lo).float().add_(bd.unsqueeze(1)).sub_(x)                    # fp32 [G, B, D]
+        else:
+            pre = torch.matmul(x, We).add_(bias.unsqueeze(1))                               # [G, B, S]
+            f = ensemble.arch.activation(pre, group_hp)
+            del pre
+            e = torch.baddbmm(bd.unsqueeze(1), f, Wd).sub_(x)                              # x_hat - x [G, B, D]
         stats["mse"][g] = e.pow(2).sum((1, 2)) / (n_total * d)
         active = f > 0
         stats["l0"][g] = active.sum((1, 2)).float() / n_total
@@ -79,22 +110,30 @@ def fused_loss_and_grads(ensemble: SAEEnsemble, x: torch.Tensor, n_total: int, g
         # the L1 weight of latent i: 1, or ||W_dec_i|| with decoder_norm_l1
         norms = Wd.norm(dim=-1) if ensemble.decoder_norm_l1 else None                      # [G, S]
         if l1 is not None:
-            f_sum = f.sum(1)                                                                 # [G, S]
+            f_sum = f.sum(1, dtype=Wd.dtype)                                                 # [G, S]
             weighted = f_sum if norms is None else f_sum * norms
             stats["sparsity"][g] = l1[g] * weighted.sum(-1) / n_total
         g_xhat = e.mul_(2.0 * grad_scale / (n_total * d))
-        gW_dec[g] = torch.bmm(f.transpose(1, 2), g_xhat)
-        del f
-        g_pre = torch.bmm(g_xhat, Wd.transpose(1, 2))                                       # g_f [G, B, S]
+        if low:
+            g_xhat_lo = g_xhat.to(compute_dtype)
+            gW_dec[g] = torch.bmm(f.transpose(1, 2), g_xhat_lo)                              # bf16 -> fp32
+            del f
+            g_pre = torch.bmm(g_xhat_lo, Wd_lo.transpose(1, 2))                              # bf16 g_f
+            del g_xhat_lo
+        else:
+            gW_dec[g] = torch.bmm(f.transpose(1, 2), g_xhat)
+            del f
+            g_pre = torch.bmm(g_xhat, Wd.transpose(1, 2))                                   # g_f [G, B, S]
         if l1 is not None:
             c = (l1[g] * (grad_scale / n_total)).view(-1, 1)                                 # [G, 1]
-            g_pre.add_((c if norms is None else c * norms).unsqueeze(1))
+            g_pre.add_((c if norms is None else c * norms).unsqueeze(1).to(g_pre.dtype))
             if norms is not None:  # d/dW_dec_i of l1 sum_b f_bi ||W_dec_i|| / n
                 gW_dec[g] += (c * f_sum / norms.clamp_min(1e-12)).unsqueeze(-1) * Wd
         g_pre.mul_(active)
         del active
-        s = g_pre.sum(1)                                                                     # [G, S]
-        dW_enc = torch.matmul(xt, g_pre).sub_(bd.unsqueeze(2) * s.unsqueeze(1))           # [G, D, S]
+        s = g_pre.sum(1, dtype=Wd.dtype)                                                     # [G, S]
+        dW_enc = torch.matmul(xt, g_pre).to(Wd.dtype).sub_(bd.unsqueeze(2) * s.unsqueeze(1))  # [G, D, S]
+        del g_pre
         gb_enc[g] = s
         gb_dec[g] = g_xhat.sum(1) - torch.bmm(s.unsqueeze(1), We.transpose(1, 2)).squeeze(1)
         if gW_enc is None:

@@ -117,3 +117,20 @@ def test_resume_writes_the_snapshots_of_the_uninterrupted_run(store, tmp_path, m
     for name in ref:
         assert_same_sweep(tmp_path / "out" / "snapshots" / name, tmp_path / "ref" / "snapshots" / name)
     assert_same_sweep(tmp_path / "out", tmp_path / "ref")
+
+
+@pytest.mark.parametrize("flags", [{"precision": "bf16"}, {"precision": "bf16", "kernel": "autograd"},
+                                   {"precision": "bf16", "architecture": "topk", "k_values": [2, 4]}])
+def test_bf16_sweep_resumed_from_a_checkpoint_equals_the_uninterrupted_run(store, tmp_path, monkeypatch, flags):
+    ref = sweep(store, tmp_path / "ref", **flags)
+    assert ref["training"]["precision"] == "bf16"
+    fp32 = sweep(store, tmp_path / "fp32", **{k: v for k, v in flags.items() if k != "precision"})
+    for a, b in zip(ref["members"], fp32["members"]):  # bf16 trains to the fp32 result within bf16 rounding
+        assert a["metrics"]["fvu"] == pytest.approx(b["metrics"]["fvu"], rel=0.02)
+    name = "train_batch_fused" if flags.get("kernel") != "autograd" else "train_step"
+    interrupt_on_call(monkeypatch, step_mod, name, 9)
+    with pytest.raises(KeyboardInterrupt):
+        sweep(store, tmp_path / "out", checkpoint_every=4, **flags)
+    monkeypatch.undo()
+    sweep(store, tmp_path / "out", checkpoint_every=4, resume=True, **flags)
+    assert_same_sweep(tmp_path / "out", tmp_path / "ref")

@@ -23,6 +23,7 @@ from torch import nn
 from saetool.recipes import auxk_loss, clip_grad_norm_per_member, decoder_weighted_l1
 from saetool.saes import get_architecture, is_generic, options_of
 from saetool.saes._common import decode as generic_decode
+from saetool.saes._common import global_sum
 
 
 def init_member(d_in: int, d_sae: int, seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -265,14 +266,14 @@ def loss_and_stats(model: nn.Module, ensemble: SAEEnsemble, x: torch.Tensor, n_t
     ("loss", "mse", "sparsity", "l0" = non-zero latents summed over rows / n_total), so summing them over
     data-parallel ranks gives the global batch means, and "fired" [n_members, d_sae] bool (latents non-zero on
     some row). With ensemble.auxk_coefficient and a dead mask [n_members, d_sae] (saetool.recipes.
-    DeadLatentTracker), "auxk" (its normalised MSE, weighted by rows / n_total so the ranks' terms sum to a
-    row-weighted mean) times the coefficient is added to "loss".
+    DeadLatentTracker), "auxk" (its normalised MSE, with the global batch's normaliser, so the ranks' terms sum to
+    the one-process value) times the coefficient is added to "loss".
     """
     x_hat, f, pre = model(x, return_pre=True)
     losses = ensemble.losses(x, x_hat, f, n_total, pre)
     if ensemble.auxk_coefficient and dead is not None:
         W_dec = ensemble.training_tensors()["W_dec"]
-        aux = auxk_loss(pre, dead, x.unsqueeze(0) - x_hat, W_dec, ensemble.k_aux) * (x.shape[0] / n_total)
+        aux = auxk_loss(pre, dead, x.unsqueeze(0) - x_hat, W_dec, ensemble.k_aux, batch_sum=global_sum)
         losses["auxk"] = aux
         losses["loss"] = losses["loss"] + ensemble.auxk_coefficient * aux
     stats = {k: v.detach() for k, v in losses.items()}

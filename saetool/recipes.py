@@ -88,17 +88,23 @@ def geometric_median(x: torch.Tensor, max_iter: int = 100, tol: float = 1e-7) ->
 
 # ---- losses ---------------------------------------------------------------------------------------------------
 
-def auxk_loss(pre: torch.Tensor, dead: torch.Tensor, residual: torch.Tensor, W_dec: torch.Tensor, k_aux: int
-              ) -> torch.Tensor:
+def auxk_loss(pre: torch.Tensor, dead: torch.Tensor, residual: torch.Tensor, W_dec: torch.Tensor, k_aux: int,
+              batch_sum=None) -> torch.Tensor:
     """AuxK (Gao et al. 2024, arXiv:2406.04093, section A.2): reconstruct the main reconstruction's error with the
     k_aux largest pre-activations among DEAD latents, so they get gradient again.
 
         e      = x - x_hat (detached)                                   residual [N, B, d_in]
         z      = TopK_{k_aux}(ReLU(pre) on dead latents, 0 elsewhere)   [N, B, d_sae]
-        L_aux  = sum_{b,j} (z W_dec - e)^2 / sum_{b,j} (e - mean_b e)^2  per member [N]
+        L_aux  = sum_{b,j} (z W_dec - e)^2 / sum_{b,j} e^2               per member [N]
 
-    (normalised MSE as openai/sparse_autoencoder; no b_dec in the auxiliary reconstruction, SAELens #644). Add
-    alpha * L_aux (alpha = 1/32 in the paper) to the loss. dead [N, d_sae] bool; members with no dead latent get 0.
+    The normaliser is the residual's squared norm over the whole batch (about zero, as openai/sparse_autoencoder's
+    normalised MSE divides by its target's squared norm): L_aux = 1 when the dead latents reconstruct nothing.
+    Unlike the variance about the batch mean (0 for a 1-row batch, which made L_aux ~1e12), it is positive for any
+    batch with a non-zero residual, one row included, and it is a sum over rows: `batch_sum` (e.g.
+    saetool.saes._common.global_sum) turns this rank's denominator into the global batch's, so the ranks' terms
+    num_r / den add up to exactly the one-process value. Clamped at 1e-30 (a residual of exactly zero).
+    No b_dec in the auxiliary reconstruction (SAELens #644). Add alpha * L_aux (alpha = 1/32 in the paper) to the
+    loss. dead [N, d_sae] bool; members with no dead latent get 0.
     """
     masked = torch.where(dead.unsqueeze(1), torch.relu(pre), torch.zeros_like(pre))
     k = min(k_aux, pre.shape[-1])
@@ -106,7 +112,8 @@ def auxk_loss(pre: torch.Tensor, dead: torch.Tensor, residual: torch.Tensor, W_d
     z = torch.zeros_like(pre).scatter(-1, indices, values)
     e = residual.detach()
     num = (z @ W_dec - e).pow(2).sum((-2, -1))
-    den = (e - e.mean(-2, keepdim=True)).pow(2).sum((-2, -1)).clamp_min(1e-12)
+    den = e.pow(2).sum((-2, -1))
+    den = (batch_sum(den) if batch_sum is not None else den).clamp_min(1e-30)
     return torch.where(dead.any(-1), num / den, torch.zeros_like(num))
 
 

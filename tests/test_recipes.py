@@ -75,9 +75,24 @@ def test_auxk_loss_hand_computed():
     W_dec = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]])
     e = torch.tensor([[[3.0, 2.0], [1.0, 1.0]]])
     # top-1 dead latent per token: latent 2 (3.0) and latent 2 (0.5): z W_dec = [[3, 3], [0.5, 0.5]]
-    # sum (z W_dec - e)^2 = 1 + 0.5 = 1.5; sum (e - mean e)^2 = 2.5
-    torch.testing.assert_close(auxk_loss(pre, dead, e, W_dec, k_aux=1), torch.tensor([0.6]))
+    # sum (z W_dec - e)^2 = 1 + 0.5 = 1.5; sum e^2 = 9 + 4 + 1 + 1 = 15
+    torch.testing.assert_close(auxk_loss(pre, dead, e, W_dec, k_aux=1), torch.tensor([0.1]))
     torch.testing.assert_close(auxk_loss(pre, torch.zeros_like(dead), e, W_dec, 1), torch.tensor([0.0]))
+    # the batch split in two "ranks": each rank's num / (global sum e^2) adds up to the whole batch's value
+    halves = [auxk_loss(pre[:, i:i + 1], dead, e[:, i:i + 1], W_dec, 1, batch_sum=lambda d: d * 0 + 15.0)
+              for i in range(2)]
+    torch.testing.assert_close(halves[0] + halves[1], torch.tensor([0.1]))
+    torch.testing.assert_close(halves[0], torch.tensor([1.0 / 15]))
+
+
+def test_auxk_loss_is_finite_on_a_one_row_batch():
+    # issue 13 item 3: the variance about the batch mean of one row is 0 (the old normaliser gave ~1e12); the
+    # squared norm is not: row e = [1, 2], dead latent 1 fires at 2 -> z W_dec = [0, 2]; (0-1)^2 + 0 = 1; sum e^2 = 5
+    pre = torch.tensor([[[0.5, 2.0]]])
+    dead = torch.tensor([[False, True]])
+    W_dec = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    e = torch.tensor([[[1.0, 2.0]]])
+    torch.testing.assert_close(auxk_loss(pre, dead, e, W_dec, k_aux=1), torch.tensor([0.2]))
 
 
 def test_decoder_weighted_l1():

@@ -128,6 +128,14 @@ def kept_minimum(f: torch.Tensor) -> torch.Tensor:
     return torch.where(f > 0, f, torch.full_like(f, float("inf"))).flatten(1).amin(-1)
 
 
+def global_sum(t: torch.Tensor) -> torch.Tensor:
+    """t summed over the data-parallel ranks inside `global_batch` (every rank gets the sum), else t itself. For
+    batch statistics that must be those of the global batch (AuxK's normaliser); t carries no gradient."""
+    if _GLOBAL_BATCH is None:
+        return t
+    return _GLOBAL_BATCH.gather(t.detach()).sum(0)
+
+
 def jump(pre: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     """Inference JumpReLU pre * 1[pre > threshold] (threshold broadcasts against pre; no gradient tricks)."""
     return pre * (pre > threshold)

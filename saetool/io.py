@@ -4,6 +4,11 @@ One SAE = one folder: `cfg.json` + `sae_weights.safetensors` (W_enc [d_in, d_sae
 [d_sae], b_dec [d_in]) as SAELens' `SAE.save_model` writes them. A sweep folder holds one such folder per
 member under `saes/` and `sweep.json`, the index (members, their hyperparameters and metrics, the sweep
 config). `sweep.json` is written last and atomically: a folder without it is not a finished sweep.
+
+`load_sae` also reads folders written by SAELens (`SAE.save_model` / `save_inference_model`, v6 or pre-6.0 cfg) of
+the architectures both have (standard, topk, jumprelu incl. SAELens' BatchTopK, gated): every cfg.json field that
+changes SAELens' encode/decode (sae_lens 6.54, saes/sae.py and saes/*_sae.py) is applied exactly or refused
+(`saelens_fields`).
 """
 
 from __future__ import annotations
@@ -42,30 +47,101 @@ def save_sae(path: str | os.PathLike, weights: dict[str, torch.Tensor], cfg: dic
     write_json(path / CFG_FILE, cfg)
 
 
+NORMALIZE_REFUSED = {
+    "expected_average_only_in": "the input scale is not stored in the folder (SAELens' load_from_disk leaves inputs "
+                                "unscaled); fold it into the weights (SAELens fold_activation_norm_scaling_factor) first",
+    "constant_norm_rescale": "SAELens rescales each input row to norm sqrt(d_in) and undoes it on the output, so "
+                             "decode would depend on the input, not only on the latents",
+    "layer_norm": "SAELens layer-normalises each input row and undoes it on the output, so decode would depend on the "
+                  "input, not only on the latents",
+    "covariance_whitening": "the whitening statistics are not stored in the folder; fold them into the weights "
+                            "(SAELens fold_activation_whitening) first",
+}
+
+
+def saelens_fields(cfg: dict, weights: dict[str, torch.Tensor], cfg_path: str | os.PathLike
+                   ) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The cfg.json fields of SAELens that change encode/decode, applied or refused: returns (cfg, weights).
+
+    SAELens 6.54 (saes/sae.py process_sae_in, saes/*_sae.py) encodes f = act((x - b_dec * apply_b_dec_to_input)
+    W_enc + b_enc) and decodes x_hat = f W_dec + b_dec, with per architecture:
+      topk      f = TopK_k(pre * n), x_hat = (f / n) W_dec + b_dec when rescale_acts_by_decoder_norm
+                (n [d_sae] = ||W_dec[i]||)
+      jumprelu  f = ReLU(pre) * 1[pre > threshold]   (saetool: pre * 1[pre > threshold])
+      gated     b_gate, b_mag, r_mag in place of b_enc
+    Applied: apply_b_dec_to_input and (topk) rescale_acts_by_decoder_norm, as SAELens computes them
+    (SparseLinearAutoencoder.encode/decode); negative jumprelu thresholds, clamped to 0 (ReLU(pre) 1[pre > t] = pre 1[pre > max(t, 0)]);
+    pre-6.0 activation_fn "topk" with activation_fn_kwargs.k (architecture topk, as SAELens converts it);
+    normalize_activations null/false (= "none"); reshape_activations "hook_z" (saetool takes the inputs flattened
+    heads-major, [..., n_heads * d_head], as SAELens reshapes them); dtype "torch.float32" etc.; an all-ones
+    scaling_factor tensor (dropped, as SAELens drops it); a standard cfg without l1_coefficient (NaN: SAELens
+    inference cfgs do not record it). Refused, ValueError naming the field and value: every other
+    normalize_activations (see NORMALIZE_REFUSED), reshape_activations or activation_fn, non-boolean flags.
+    Fields SAELens does not read for the architecture (e.g. a jumprelu's rescale_acts_by_decoder_norm) are ignored,
+    as in SAELens; hook_head_index picks the input outside the SAE and stays in the cfg.
+    """
+    cfg, weights = dict(cfg), dict(weights)
+
+    def refuse(field: str, why: str):
+        raise ValueError(f"{cfg_path} field {field!r}={cfg[field]!r} is not supported; {why}")
+
+    for field in ("activation_fn", "activation_fn_str"):  # pre-6.0 SAELens
+        fn, k = cfg.get(field), (cfg.get("activation_fn_kwargs") or {}).get("k")
+        if fn == "topk" and cfg["architecture"] == "standard" and k is not None:
+            cfg.update(architecture="topk", k=int(k))
+        elif fn not in (None, "relu") and not (fn == "topk" and cfg["architecture"] == "topk"):
+            refuse(field, "saetool reads 'relu' and (pre-6.0 SAELens) 'topk' with activation_fn_kwargs.k")
+    norm = cfg.get("normalize_activations", "none")
+    if norm in (None, False):  # pre-6.0 SAELens
+        cfg["normalize_activations"] = "none"
+    elif norm != "none":
+        refuse("normalize_activations", NORMALIZE_REFUSED.get(norm if isinstance(norm, str) else
+                                                              "expected_average_only_in", "expected 'none'"))
+    if cfg.get("reshape_activations", "none") not in ("none", "hook_z"):
+        refuse("reshape_activations", "expected 'none' or 'hook_z'")
+    for field in ["apply_b_dec_to_input"] + (["rescale_acts_by_decoder_norm"] if cfg["architecture"] == "topk" else []):
+        if field in cfg and not isinstance(cfg[field], bool):
+            refuse(field, "expected true or false")
+    if isinstance(cfg.get("dtype"), str):
+        cfg["dtype"] = cfg["dtype"].removeprefix("torch.")
+    if cfg["architecture"] == "jumprelu" and "threshold" in weights:
+        weights["threshold"] = weights["threshold"].clamp_min(0)
+    if "scaling_factor" in weights and bool((weights["scaling_factor"] == 1).all()):
+        del weights["scaling_factor"]
+    if trained_architecture(cfg) == "standard" and "l1_coefficient" not in cfg:
+        cfg["l1_coefficient"] = float("nan")
+    return cfg, weights
+
+
 def load_sae(path: str | os.PathLike, device: str | torch.device | None = "cpu",
              dtype: str | torch.dtype | None = None) -> SparseLinearAutoencoder:
-    """Load one SAE folder.
+    """Load one SAE folder (saetool's, or SAELens' with its cfg fields applied or refused: `saelens_fields`).
 
     device: where every tensor goes; None means the device recorded in cfg.json when it is available here,
     else "cpu" (case L1: an SAE saved from "cuda" loads on a machine without CUDA).
     dtype: None keeps cfg.json's dtype (e.g. bfloat16); an explicit dtype converts every tensor.
-    Raises ValueError if the folder lacks cfg.json / weights or the tensors do not match the cfg.
+    Raises ValueError if the folder lacks cfg.json / weights, cfg.json lacks architecture / d_in / d_sae, a SAELens
+    field is not supported, or the tensors do not match the cfg.
     """
     path = Path(path)
     if not (path / CFG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
         raise ValueError(f"{path} is not an SAE folder (needs {CFG_FILE} and {WEIGHTS_FILE})")
     cfg = json.loads((path / CFG_FILE).read_text())
+    for key in ("architecture", "d_in", "d_sae"):
+        if key not in cfg:
+            raise ValueError(f"{path / CFG_FILE} has no {key!r} field (needs architecture, d_in, d_sae)")
     if device is None:
         device = cfg.get("device", "cpu")
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             device = "cpu"
+    cfg, weights = saelens_fields(cfg, load_file(str(path / WEIGHTS_FILE)), path / CFG_FILE)
     if dtype is None:
         dtype = cfg.get("dtype", "float32")
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
-    weights = {k: v.to(device=device, dtype=dtype) for k, v in load_file(str(path / WEIGHTS_FILE)).items()}
+    weights = {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
     cfg = {**cfg, "dtype": str(dtype).removeprefix("torch."), "device": str(device)}
     return SparseLinearAutoencoder(weights, cfg)
 

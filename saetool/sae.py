@@ -24,6 +24,11 @@ class SparseLinearAutoencoder(nn.Module):
     `cfg` is the member's cfg.json (architecture, d_in, d_sae, hook_name, hyperparameters such as
     `l1_coefficient` or `k`, ...). `self.arch` is the trained architecture's module (`trained_architecture`).
     Inputs may have any leading shape [..., d_in].
+
+    Two SAELens cfg fields are computed as SAELens 6.54 does (sae_lens/saes/sae.py process_sae_in,
+    saes/topk_sae.py): `apply_b_dec_to_input` false encodes x, not x - b_dec; topk `rescale_acts_by_decoder_norm`
+    true takes the top k of pre * n and decodes (f / n) W_dec + b_dec, n [d_sae] = ||W_dec[i]||. Both default
+    to saetool's own form (true, false).
     """
 
     def __init__(self, weights: dict[str, torch.Tensor], cfg: dict):
@@ -46,6 +51,8 @@ class SparseLinearAutoencoder(nn.Module):
                 raise ValueError(f"{name} has shape {tuple(weights[name].shape)}, expected {shape} from cfg")
             setattr(self, name, nn.Parameter(weights[name], requires_grad=False))
         self.weight_names = tuple(expected)
+        self.apply_b_dec_to_input = bool(cfg.get("apply_b_dec_to_input", True))
+        self.rescale_acts_by_decoder_norm = self.arch.NAME == "topk" and bool(cfg.get("rescale_acts_by_decoder_norm"))
         if not is_generic(self.arch):
             missing = [h for h in self.arch.HYPERPARAMS if h not in cfg]
             if missing:
@@ -70,12 +77,21 @@ class SparseLinearAutoencoder(nn.Module):
         """x [..., d_in] -> latents f [..., d_sae] (computed in the SAE's dtype)."""
         x = x.to(self.W_enc.dtype)
         if is_generic(self.arch):
-            return self.arch.encode(self.weights(), x, self._hp, training=False)[0]
-        return self.arch.activation((x - self.b_dec) @ self.W_enc + self.b_enc, self._hp)
+            w = self.weights()
+            if not self.apply_b_dec_to_input:  # the architectures use b_dec in encode only to centre x
+                w["b_dec"] = torch.zeros_like(w["b_dec"])
+            return self.arch.encode(w, x, self._hp, training=False)[0]
+        pre = ((x - self.b_dec) if self.apply_b_dec_to_input else x) @ self.W_enc + self.b_enc
+        if self.rescale_acts_by_decoder_norm:
+            pre = pre * self.W_dec.norm(dim=-1)
+        return self.arch.activation(pre, self._hp)
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         """f [..., d_sae] -> x_hat [..., d_in]."""
-        return f.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
+        f = f.to(self.W_dec.dtype)
+        if self.rescale_acts_by_decoder_norm:
+            f = f * (1 / self.W_dec.norm(dim=-1))
+        return f @ self.W_dec + self.b_dec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The reconstruction x_hat [..., d_in] (the original's `predict`)."""

@@ -44,11 +44,18 @@ class ChunkReader:
         codec = None if len(codecs) == 1 else (Blosc() if codecs[1]["name"] == "blosc" else Zstd())
         return cls(Path(path), (shape[0], shape[1]), chunks[0], np.dtype(DTYPES[meta["data_type"]]), codec)
 
+    def file(self, chunk: int) -> Path:
+        """The file holding chunk `chunk`."""
+        return self.path / "c" / str(chunk) / "0"
+
+    def exists(self, chunk: int) -> bool:
+        return self.file(chunk).is_file()
+
     def read(self, chunk: int) -> np.ndarray | None:
         """Rows of chunk `chunk` ([rows, d], rows < chunk_rows only for the last chunk), writable; None if the
         chunk was never written (zarr would return the fill value)."""
         try:
-            raw = (self.path / "c" / str(chunk) / "0").read_bytes()
+            raw = self.file(chunk).read_bytes()
         except FileNotFoundError:
             return None
         out = np.empty((self.chunk_rows, self.shape[1]), dtype=self.dtype)

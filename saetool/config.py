@@ -221,19 +221,12 @@ class SweepConfig:
         _check(self.k_aux >= 0, "k_aux", "must be >= 0")
         _check(self.resample_every >= 0, "resample_every", "must be >= 0")
         _check(0 < self.threshold_lr <= 1, "threshold_lr", "must be in (0, 1]")
-        batch_topk = self.architecture in ("batchtopk", "matryoshka_batchtopk")
-        _check(batch_topk or self.threshold_lr == 0.01, "threshold_lr",
-               "applies to batchtopk and matryoshka_batchtopk only")
         _check(not (self.k_aux and not self.auxk_coefficient), "k_aux", "needs --auxk_coefficient > 0")
-        _check(not (self.decoder_norm_l1 and self.architecture != "standard"), "decoder_norm_l1",
-               "applies to architecture standard only")
-        _check(not (self.auxk_coefficient and self.architecture not in ("topk", "batchtopk", "matryoshka_batchtopk")),
-               "auxk_coefficient", "applies to topk, batchtopk and matryoshka_batchtopk only")
-        _check(not (self.resample_every and self.architecture in ("jumprelu", "gated")), "resample_every",
-               "applies to standard, topk, batchtopk and matryoshka_batchtopk only")
         from saetool.saes import ARCHITECTURES
 
         _check(self.architecture in ARCHITECTURES, "architecture", f"must be one of {', '.join(ARCHITECTURES)}")
+        if self.ensembles is None:  # with ensembles, saetool.sweep.ensemble_configs checks each one
+            self._refuse_flags_that_cannot_act()
         _check(self.normalize_activations in ("none", "expected_average_only_in"), "normalize_activations",
                "must be none or expected_average_only_in")
         _check(self.lr_warmup_steps >= 0, "lr_warmup_steps", "must be >= 0")
@@ -246,7 +239,6 @@ class SweepConfig:
         if self.ensembles is not None:
             _check(isinstance(self.ensembles, list) and len(self.ensembles) > 0
                    and all(isinstance(e, dict) for e in self.ensembles), "ensembles", "must be a list of flag dicts")
-        _check(not (self.tied and self.architecture != "standard"), "tied", "applies to architecture standard only")
         _check(self.parallel in ("data", "members"), "parallel", "must be data or members")
         _check(self.autocast in ("none", "bf16"), "autocast", "must be none or bf16")
         _check(self.precision in ("fp32", "bf16", "auto"), "precision", "must be fp32, bf16 or auto")
@@ -262,6 +254,50 @@ class SweepConfig:
         if self.k_values is not None:
             _check(len(self.k_values) > 0 and all(int(k) >= 1 for k in self.k_values), "k_values",
                    "must be a non-empty list of integers >= 1")
+        for name in ("l1_values", "k_values", "l0_values"):
+            values = getattr(self, name) or []
+            repeated = next((v for i, v in enumerate(values) if v in values[:i]), None)
+            _check(repeated is None, name, f"has the value {repeated} twice (each member needs its own)")
+        _check(self.l1_values is not None or self.l1_value_n == 1 or self.l1_value_min != self.l1_value_max,
+               "l1_value_max", f"must differ from --l1_value_min for --l1_value_n {self.l1_value_n} distinct values")
+
+
+    def _refuse_flags_that_cannot_act(self) -> None:
+        """A flag set away from its default on an architecture it does not act on is refused (ARCHITECTURE_FLAGS),
+        and so is --kernel fused where the fused kernel cannot run."""
+        defaults = SweepConfig()
+        for name, architectures in ARCHITECTURE_FLAGS.items():
+            _check(getattr(self, name) == getattr(defaults, name) or self.architecture in architectures, name,
+                   f"applies to {_names(architectures)} only, not --architecture {self.architecture}")
+        from saetool.fused import FUSED_ARCHITECTURES
+
+        _check(self.kernel != "fused" or self.architecture in FUSED_ARCHITECTURES, "kernel",
+               f"fused has no architecture {self.architecture}; it has {_names(FUSED_ARCHITECTURES)} "
+               "(use --kernel autograd or auto)")
+        _check(self.kernel != "fused" or not self.auxk_coefficient, "kernel",
+               "fused has no --auxk_coefficient; use --kernel autograd (or auto)")
+
+
+_L1 = ("standard", "gated")
+_TOPK = ("topk", "batchtopk", "matryoshka_batchtopk")
+# Flags that act on some architectures only: {flag: the architectures it acts on}. SweepConfig.validate refuses
+# one set away from its default on any other architecture (e.g. --k_values with standard).
+ARCHITECTURE_FLAGS = {
+    "l1_values": _L1, "l1_value_min": _L1, "l1_value_max": _L1, "l1_value_n": _L1,
+    "l1_warmup_steps": (*_L1, "jumprelu"),
+    "k_values": _TOPK, "auxk_coefficient": _TOPK,
+    "threshold_lr": ("batchtopk", "matryoshka_batchtopk"),
+    "matryoshka_widths": ("matryoshka_batchtopk",),
+    "l0_values": ("jumprelu",), "jumprelu_bandwidth": ("jumprelu",), "jumprelu_init_threshold": ("jumprelu",),
+    "decoder_norm_l1": ("standard",), "tied": ("standard",),
+    "resample_every": ("standard", *_TOPK),
+}
+
+
+def _names(items) -> str:
+    """("a",) -> "a"; ("a", "b", "c") -> "a, b and c"."""
+    items = list(items)
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
 def _check(ok: bool, name: str, message: str) -> None:

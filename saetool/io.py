@@ -146,10 +146,18 @@ def load_sae(path: str | os.PathLike, device: str | torch.device | None = "cpu",
     return SparseLinearAutoencoder(weights, cfg)
 
 
-def member_folder_name(architecture: str, hyperparams: dict) -> str:
-    """e.g. "standard_l1_coefficient_1.00e-04" or "topk_k_32"."""
-    parts = [f"{k}_{v:.2e}" if isinstance(v, float) else f"{k}_{v}" for k, v in hyperparams.items()]
-    return "_".join([architecture, *parts])
+def member_folder_names(architecture: str, hyperparams: list[dict]) -> list[str]:
+    """The folder name of each member of one ensemble, e.g. "standard_l1_coefficient_1.00e-04" or "topk_k_32".
+
+    Floats get 3 significant digits, or as many more as it takes for every member's name to differ
+    (1e-3 and 1.004e-3 -> "1.000e-03" and "1.004e-03"); names never collide. Raises ValueError for two members
+    with the same hyperparameters (SweepConfig.validate refuses repeated values before training)."""
+    for digits in range(3, 18):
+        names = ["_".join([architecture, *(f"{k}_{v:.{digits - 1}e}" if isinstance(v, float) else f"{k}_{v}"
+                                           for k, v in hp.items())]) for hp in hyperparams]
+        if len(set(names)) == len(names):
+            return names
+    raise ValueError(f"two members have the same hyperparameters: {names}")
 
 
 def write_sweep(out_dir: str | os.PathLike, members: list[tuple[dict, dict, dict]], index: dict) -> None:
@@ -161,11 +169,15 @@ def write_sweep(out_dir: str | os.PathLike, members: list[tuple[dict, dict, dict
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / "saes.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    entries = []
+    entries, names = [], {}
+    for _, cfg, _ in members:
+        arch = trained_architecture(cfg)
+        names.setdefault(arch, []).append({h: cfg[h] for h in get_architecture(arch).HYPERPARAMS})
+    names = {arch: iter(member_folder_names(arch, hps)) for arch, hps in names.items()}
     for weights, cfg, metrics in members:
         arch = trained_architecture(cfg)
         hyperparams = {h: cfg[h] for h in get_architecture(arch).HYPERPARAMS}
-        name = member_folder_name(arch, hyperparams)
+        name = next(names[arch])
         save_sae(tmp / name, weights, cfg)
         saved_as = {} if arch == cfg["architecture"] else {"saved_architecture": cfg["architecture"]}
         entries.append({"path": f"saes/{name}", "architecture": arch, **saved_as, **hyperparams, "metrics": metrics})

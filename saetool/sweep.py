@@ -124,22 +124,45 @@ def ensemble_name(flags: dict, i: int) -> str:
     return str(flags.get("name") or f"{i}_{flags.get('architecture', 'standard')}")
 
 
+def ensemble_configs(cfg: SweepConfig) -> list[tuple[str, SweepConfig]]:
+    """(name, validated config) of every entry of cfg.ensembles, all built before any training, so a bad entry
+    fails before the first ensemble trains. A top-level flag that acts on some architectures only
+    (saetool.config.ARCHITECTURE_FLAGS) is passed to the ensembles it acts on, and refused if it acts on none.
+    Raises ValueError naming the flag (or the repeated ensemble name)."""
+    from saetool.config import ARCHITECTURE_FLAGS, _names, build
+
+    defaults = SweepConfig()
+    base = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("ensembles", "config")}
+    architectures = [entry.get("architecture", cfg.architecture) for entry in cfg.ensembles]
+    for flag, acts_on in ARCHITECTURE_FLAGS.items():
+        if base[flag] != getattr(defaults, flag) and not set(architectures) & set(acts_on):
+            raise ValueError(f"--{flag} applies to {_names(acts_on)} only, and no ensemble is one "
+                             f"({', '.join(architectures)})")
+    out, subs = Path(cfg.output_dir), []
+    for i, (entry, arch) in enumerate(zip(cfg.ensembles, architectures, strict=True)):
+        name = ensemble_name(entry, i)
+        if name in [n for n, _ in subs]:
+            raise ValueError(f"--ensembles: two ensembles are named {name!r} (each needs its own folder)")
+        shared = {k: v if k not in ARCHITECTURE_FLAGS or arch in ARCHITECTURE_FLAGS[k] else getattr(defaults, k)
+                  for k, v in base.items()}
+        flags = {**shared, **{k: v for k, v in entry.items() if k != "name"}, "output_dir": str(out / name)}
+        try:
+            subs.append((name, build(SweepConfig, flags)))
+        except ValueError as e:
+            raise ValueError(f"ensemble {name!r}: {e}") from None
+    return subs
+
+
 def run_ensembles(cfg: SweepConfig, log=print) -> dict | None:
     """Train every entry of cfg.ensembles (each a dict of flags overriding cfg's) as its own ensemble, one after the
     other, into OUTPUT_DIR/<name>/, then write OUTPUT_DIR/sweep.json indexing every member (paths relative to
     OUTPUT_DIR, each with its architecture, hyperparameters, metrics and ensemble name) and a combined metrics.md.
     Finished ensembles are skipped with --resume."""
-    from saetool.config import build
-
     out = Path(cfg.output_dir)
     if (out / INDEX_FILE).exists():
         raise ValueError(f"{out} already holds a finished sweep; choose another --output_dir or delete it")
-    base = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("ensembles", "config")}
     runs = []
-    for i, entry in enumerate(cfg.ensembles):
-        name = ensemble_name(entry, i)
-        flags = {**base, **{k: v for k, v in entry.items() if k != "name"}, "output_dir": str(out / name)}
-        sub = build(SweepConfig, flags)
+    for name, sub in ensemble_configs(cfg):
         if cfg.resume and (Path(sub.output_dir) / INDEX_FILE).exists():
             log(f"ensemble {name}: already finished, skipped")
             index = json.loads((Path(sub.output_dir) / INDEX_FILE).read_text())

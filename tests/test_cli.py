@@ -119,3 +119,73 @@ def test_ctrl_c_is_one_line_with_the_resume_hint(monkeypatch, capsys):
     assert exit_.value.code == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--resume True" in err[0]
+
+
+# a value away from the default for every flag that acts on some architectures only (issue 13, item 12)
+OFF_DEFAULT = {"l1_values": [1e-3], "l1_value_min": -3.0, "l1_value_max": -1.0, "l1_value_n": 4, "l1_warmup_steps": 5,
+               "k_values": [8], "auxk_coefficient": 0.03, "threshold_lr": 0.05, "matryoshka_widths": [4, 8],
+               "l0_values": [1e-3], "jumprelu_bandwidth": 0.01, "jumprelu_init_threshold": 0.1, "decoder_norm_l1": True,
+               "tied": True, "resample_every": 10}
+
+
+def test_every_flag_is_refused_on_each_architecture_it_cannot_act_on():
+    from saetool.config import ARCHITECTURE_FLAGS, _names
+    from saetool.saes import ARCHITECTURES
+
+    assert set(OFF_DEFAULT) == set(ARCHITECTURE_FLAGS)
+    refused = 0
+    for flag, acts_on in ARCHITECTURE_FLAGS.items():
+        for arch in ARCHITECTURES:
+            kwargs = {"architecture": arch, flag: OFF_DEFAULT[flag]}
+            if arch in acts_on:
+                assert getattr(build(SweepConfig, kwargs), flag) == OFF_DEFAULT[flag]
+                continue
+            with pytest.raises(ValueError) as e:
+                build(SweepConfig, kwargs)
+            assert str(e.value) == f"--{flag} applies to {_names(acts_on)} only, not --architecture {arch}"
+            refused += 1
+    assert refused == 61
+    assert _names(("standard",)) == "standard" and _names(("a", "b", "c")) == "a, b and c"
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"l1_values": [1e-3, 1.004e-3, 1e-3]}, "--l1_values has the value 0.001 twice (each member needs its own)"),
+    ({"architecture": "topk", "k_values": "2,2"}, "--k_values has the value 2 twice (each member needs its own)"),
+    ({"architecture": "jumprelu", "l0_values": [0.1, 0.1]}, "--l0_values has the value 0.1 twice (each member needs its own)"),
+    ({"l1_value_min": -3, "l1_value_max": -3}, "--l1_value_max must differ from --l1_value_min for --l1_value_n 16 "
+                                               "distinct values"),
+    ({"architecture": "jumprelu", "kernel": "fused"},
+     "--kernel fused has no architecture jumprelu; it has standard and topk (use --kernel autograd or auto)"),
+    ({"architecture": "topk", "kernel": "fused", "auxk_coefficient": 0.03},
+     "--kernel fused has no --auxk_coefficient; use --kernel autograd (or auto)"),
+    ({"l1_values": [1e-3, 1e-2], "k_values": [4]}, "--k_values applies to topk, batchtopk and matryoshka_batchtopk "
+                                                   "only, not --architecture standard"),
+])
+def test_settings_that_cannot_act_are_refused_by_the_config(kwargs, message):
+    with pytest.raises(ValueError) as e:
+        build(SweepConfig, kwargs)
+    assert str(e.value) == message
+
+
+def test_ensembles_take_the_shared_flags_that_act_on_them_and_are_all_checked_before_training(tmp_path):
+    from saetool.sweep import ensemble_configs
+
+    cfg = build(SweepConfig, {"output_dir": str(tmp_path), "l1_warmup_steps": 5, "k_values": [8],
+                              "ensembles": [{"architecture": "standard"}, {"architecture": "topk"}]})
+    (_, standard), (_, topk) = ensemble_configs(cfg)
+    assert (standard.l1_warmup_steps, standard.k_values) == (5, None)
+    assert (topk.l1_warmup_steps, topk.k_values) == (0, [8])
+    bad = [{"architecture": "standard"}, {"architecture": "topk", "l1_values": [1e-3]}]
+    with pytest.raises(ValueError) as e:
+        ensemble_configs(build(SweepConfig, {"output_dir": str(tmp_path), "ensembles": bad}))
+    assert str(e.value) == ("ensemble '1_topk': --l1_values applies to standard and gated only, not --architecture "
+                            "topk")
+    with pytest.raises(ValueError) as e:
+        ensemble_configs(build(SweepConfig, {"output_dir": str(tmp_path), "threshold_lr": 0.05,
+                                             "ensembles": [{"architecture": "topk"}]}))
+    assert str(e.value) == ("--threshold_lr applies to batchtopk and matryoshka_batchtopk only, and no ensemble is one "
+                            "(topk)")
+    with pytest.raises(ValueError) as e:
+        ensemble_configs(build(SweepConfig, {"output_dir": str(tmp_path),
+                                             "ensembles": [{"name": "a"}, {"name": "a", "ratio": 2}]}))
+    assert str(e.value) == "--ensembles: two ensembles are named 'a' (each needs its own folder)"

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -71,3 +72,33 @@ def test_load_sweep_is_keyed_by_l1(tmp_path):
                                                      "saes/standard_l1_coefficient_1.00e-03"]
     with pytest.raises(ValueError, match="not a finished sweep"):
         load_sweep(tmp_path)
+
+
+def test_member_folder_names_never_collide():
+    # issue 13 item 1: 3 significant digits put 1e-3 and 1.004e-3 in one folder; digits grow until names differ
+    from saetool.io import member_folder_names
+
+    hps = [{"l1_coefficient": v} for v in (1e-3, 1.004e-3, 0.5)]
+    assert member_folder_names("standard", hps) == ["standard_l1_coefficient_1.000e-03",
+                                                    "standard_l1_coefficient_1.004e-03",
+                                                    "standard_l1_coefficient_5.000e-01"]
+    three = [{"l1_coefficient": float(v)} for v in np.logspace(-3, -2.995, 3)]
+    assert member_folder_names("standard", three) == ["standard_l1_coefficient_1.000e-03",
+                                                      "standard_l1_coefficient_1.006e-03",
+                                                      "standard_l1_coefficient_1.012e-03"]
+    assert member_folder_names("topk", [{"k": 16}, {"k": 32}]) == ["topk_k_16", "topk_k_32"]
+    assert member_folder_names("standard", [{"l1_coefficient": 1e-4}]) == ["standard_l1_coefficient_1.00e-04"]
+    with pytest.raises(ValueError, match="two members have the same hyperparameters"):
+        member_folder_names("topk", [{"k": 2}, {"k": 2}])
+
+
+def test_close_coefficients_are_saved_and_loaded_as_separate_members(tmp_path):
+    from saetool.ensemble import init_member
+
+    members = [(init_member(4, 8, i), {"architecture": "standard", "d_in": 4, "d_sae": 8, "dtype": "float32",
+                                       "l1_coefficient": v}, {}) for i, v in enumerate((1e-3, 1.004e-3, 0.5))]
+    write_sweep(tmp_path / "sweep", members, {"sweep_param": "l1_coefficient"})
+    loaded = load_sweep(tmp_path / "sweep")
+    assert sorted(loaded) == [1e-3, 1.004e-3, 0.5]
+    for w, c, _ in members:
+        torch.testing.assert_close(loaded[c["l1_coefficient"]].W_enc, w["W_enc"])

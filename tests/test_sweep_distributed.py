@@ -38,14 +38,18 @@ def launch(n_procs, args, timeout=240):
 
 
 def flags(store, out, **kw):
-    base = {"dataset_dir": store, "output_dir": out, "ratio": 2, "l1_values": "0.0,0.01,0.1", "batch_size": 30,
-            "eval_tokens": 40, "adam_lr": 0.01, "device": "cpu"}
+    base = {"dataset_dir": store, "output_dir": out, "ratio": 2, "batch_size": 30, "eval_tokens": 40, "adam_lr": 0.01,
+            "device": "cpu"}
+    if kw.get("architecture", "standard") in ("standard", "gated"):
+        base["l1_values"] = "0.0,0.01,0.1"
     base.update(kw)
     return [f"--{k}={v}" for k, v in base.items()]
 
 
 def single(store, out, **kw):
-    base = {"ratio": 2, "l1_values": [0.0, 0.01, 0.1], "batch_size": 30, "eval_tokens": 40, "adam_lr": 0.01}
+    base = {"ratio": 2, "batch_size": 30, "eval_tokens": 40, "adam_lr": 0.01}
+    if kw.get("architecture", "standard") in ("standard", "gated"):
+        base["l1_values"] = [0.0, 0.01, 0.1]
     cfg = SweepConfig(dataset_dir=str(store), output_dir=str(out), device="cpu", **{**base, **kw})
     return sweep_mod.run_sweep(cfg, log=lambda *a: None)
 

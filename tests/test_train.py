@@ -25,8 +25,10 @@ def store(tmp_path_factory):
 
 
 def sweep(store, out, **kw):
-    cfg = SweepConfig(dataset_dir=str(store), output_dir=str(out), ratio=2, l1_values=[0.0, 0.01], batch_size=30,
-                      eval_tokens=40, adam_lr=0.01, device="cpu", report=False, **kw)
+    if kw.get("architecture", "standard") in ("standard", "gated"):
+        kw = {"l1_values": [0.0, 0.01], **kw}
+    cfg = SweepConfig(dataset_dir=str(store), output_dir=str(out), ratio=2, batch_size=30, eval_tokens=40,
+                      adam_lr=0.01, device="cpu", report=False, **kw)
     return run_sweep(cfg, log=lambda *a: None)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from saetool.io import member_folder_name
+from saetool.io import member_folder_names
 
 LOG_EVERY = 20
 
@@ -38,9 +38,8 @@ class TrainLogger:
         if cfg.wandb_project and dist.is_main:
             from saetool import wandb_log
 
-            names = [member_folder_name(cfg.architecture, {h: (int if h == "k" else float)(v[i])
-                                                           for h, v in run.hyper.items()})
-                     for i in range(run.n_members)]
+            names = member_folder_names(cfg.architecture, [{h: (int if h == "k" else float)(v[i])
+                                                            for h, v in run.hyper.items()} for i in range(run.n_members)])
             self.wandb = wandb_log.WandbLogger(names, project=cfg.wandb_project, name=run.out.name,
                                                config=dataclasses.asdict(cfg), log=log)
         if dist.is_main:

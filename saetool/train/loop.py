@@ -61,28 +61,30 @@ def train(run: SweepRun, step: Step, state: dict | None, log=print) -> Trained:
     logger = TrainLogger(run, at.steps, at.tokens, log)
     restarts = range(cfg.resample_every, run.total_steps, cfg.resample_every) if cfg.resample_every else ()
     start, trained_here = time.perf_counter(), 0
-    for epoch in range(at.epoch, cfg.n_repetitions):
-        first = at.batch if epoch == at.epoch else 0
-        snapshots = _SnapshotClock(run.store.spec.chunk_size, cfg.save_after_every, first, cfg.batch_size)
-        for i, (x, x_local) in enumerate(device_batches(run, epoch, first), start=first):
-            lr = _set_schedules(run, at.steps, restarts)
-            dead = tracker.dead if tracker is not None and cfg.auxk_coefficient else None
-            stats = step(x_local, len(x), dead)
-            fired = stats.pop("fired")
-            at.steps += 1
-            if tracker is not None:
-                _track_dead(run, tracker, fired, x, at.steps, log)
-            at.tokens += len(x)
-            trained_here += len(x)
-            logger.step(stats, at.steps, at.tokens, len(x), lr)
-            chunk = snapshots.due(len(x))
-            if chunk is not None:
-                save_sweep(run, run.out / "snapshots" / f"epoch_{epoch}_chunk_{chunk}", None, {})
-            if cfg.checkpoint_every and at.steps % cfg.checkpoint_every == 0:
-                _checkpoint(run, step, tracker, Position(epoch, i + 1, at.steps, at.tokens))
-        if epoch < cfg.n_repetitions - 1:
-            save_sweep(run, run.out / "snapshots" / f"epoch_{epoch}", None, {})
-    logger.close()
+    try:  # the progress bar ends before an error is printed
+        for epoch in range(at.epoch, cfg.n_repetitions):
+            first = at.batch if epoch == at.epoch else 0
+            snapshots = _SnapshotClock(run.store.spec.chunk_size, cfg.save_after_every, first, cfg.batch_size)
+            for i, (x, x_local) in enumerate(device_batches(run, epoch, first), start=first):
+                lr = _set_schedules(run, at.steps, restarts)
+                dead = tracker.dead if tracker is not None and cfg.auxk_coefficient else None
+                stats = step(x_local, len(x), dead)
+                fired = stats.pop("fired")
+                at.steps += 1
+                if tracker is not None:
+                    _track_dead(run, tracker, fired, x, at.steps, log)
+                at.tokens += len(x)
+                trained_here += len(x)
+                logger.step(stats, at.steps, at.tokens, len(x), lr)
+                chunk = snapshots.due(len(x))
+                if chunk is not None:
+                    save_sweep(run, run.out / "snapshots" / f"epoch_{epoch}_chunk_{chunk}", None, {})
+                if cfg.checkpoint_every and at.steps % cfg.checkpoint_every == 0:
+                    _checkpoint(run, step, tracker, Position(epoch, i + 1, at.steps, at.tokens))
+            if epoch < cfg.n_repetitions - 1:
+                save_sweep(run, run.out / "snapshots" / f"epoch_{epoch}", None, {})
+    finally:
+        logger.close()
     seconds = time.perf_counter() - start
     rate = trained_here / max(seconds, 1e-9)
     resumed = f" ({trained_here} tokens in this run)" if trained_here != at.tokens else ""

@@ -147,12 +147,7 @@ def choose_step(cfg: SweepConfig, ensemble: SAEEnsemble, optimizer: torch.optim.
                 data_parallel: bool, total_steps: int, precision: str | None = None) -> Step:
     """The step `cfg` asks for (see the module docstring). `precision` overrides --precision with an already
     resolved "fp32"/"bf16" (a resumed run keeps the one its checkpoint was trained with).
-    Raises ValueError for --kernel fused with AuxK or an architecture without a fused kernel."""
-    if cfg.kernel == "fused" and cfg.auxk_coefficient:
-        raise ValueError("--kernel fused has no --auxk_coefficient; use --kernel autograd (or auto)")
-    if cfg.kernel == "fused" and cfg.architecture not in FUSED_ARCHITECTURES:
-        raise ValueError(f"--kernel fused has no architecture {cfg.architecture}; it has "
-                         f"{', '.join(FUSED_ARCHITECTURES)} (use --kernel autograd or auto)")
+    (SweepConfig.validate refuses --kernel fused where it cannot run.)"""
     fused = cfg.kernel == "fused" or (cfg.kernel == "auto" and cfg.architecture in FUSED_ARCHITECTURES
                                       and not cfg.auxk_coefficient)
     device_type = torch.device(cfg.device).type

@@ -111,10 +111,12 @@ class SweepConfig:
     """k of each member (architectures topk, batchtopk, matryoshka_batchtopk); default 16,32,64,128."""
     l0_values: list[float] | None = None
     """L0 coefficient of each JumpReLU member; default 1e-3,3e-3,1e-2,3e-2."""
-    jumprelu_bandwidth: float = 0.001
-    """JumpReLU straight-through bandwidth eps (every member)."""
+    jumprelu_bandwidth: float = 0.05
+    """JumpReLU straight-through kernel width eps (every member), in units of the batch's per-element RMS of the
+    centred inputs x - b_dec (SAELens' default 0.05 on unit-scale inputs)."""
     jumprelu_init_threshold: float = 0.001
-    """Initial JumpReLU threshold of every latent (Gemma Scope: 0.001 on normalised inputs)."""
+    """Initial JumpReLU threshold of every latent, in units of the training sample's per-element RMS of the
+    centred inputs (Gemma Scope: 0.001 on normalised inputs)."""
     matryoshka_widths: list[int] | None = None
     """Nested prefix sizes of matryoshka_batchtopk, the last = d_sae; default d_sae/8, /4, /2, 1."""
     threshold_lr: float = 0.01

@@ -31,18 +31,20 @@ def loss_of(ens, x):
 
 
 def test_jumprelu_hand_computed():
-    # theta = 0.5, eps = 0.2, l0 = 0.1; x = [1, 0.45]: pre = x, latent 1 is below theta and inside the kernel
-    ens = identity_ensemble("jumprelu", {"l0_coefficient": [0.1], "bandwidth": [0.2]})
+    # theta = 0.5, eps = 0.2, l0 = 0.1; x = [1, 0.45]: pre = x, latent 1 is below theta and inside the kernel.
+    # The bandwidth is relative to the batch's per-element RMS of x - b_dec, sqrt((1 + 0.45^2) / 2)
+    rms = math.sqrt((1 + 0.45 ** 2) / 2)
+    ens = identity_ensemble("jumprelu", {"l0_coefficient": [0.1], "bandwidth": [0.2 / rms]})
     with torch.no_grad():
-        ens.log_threshold.fill_(math.log(0.5))
+        ens.theta_units.fill_(0.5)                       # threshold_unit 1: theta_units is the threshold
     x = torch.tensor([[1.0, 0.45]])
     x_hat, f, losses = loss_of(ens, x)
     torch.testing.assert_close(f, torch.tensor([[[1.0, 0.0]]]))
     torch.testing.assert_close(losses["mse"], torch.tensor([0.45 ** 2 / 2]))
     torch.testing.assert_close(losses["sparsity"], torch.tensor([0.1]))
     losses["loss"].sum().backward()
-    # dL/dtheta_1 = dL/df_1 * -(theta/eps) K + l0 * -(1/eps) K = (-0.45)(-2.5) + 0.1 (-5) = 0.625; x theta = 0.3125
-    torch.testing.assert_close(ens.log_threshold.grad, torch.tensor([[0.0, 0.3125]]))
+    # dL/dtheta_1 = dL/df_1 * -(theta/eps) K + l0 * -(1/eps) K = (-0.45)(-2.5) + 0.1 (-5) = 0.625 (linear theta)
+    torch.testing.assert_close(ens.theta_units.grad, torch.tensor([[0.0, 0.625]]))
 
 
 def test_gated_hand_computed():
@@ -120,15 +122,18 @@ class PlainSAE(nn.Module):
 
 
 class PlainJumpReLU(PlainSAE):
-    """Pseudo-derivatives written as surrogate terms: value + c.detach() * (theta - theta.detach())."""
+    """Pseudo-derivatives written as surrogate terms: value + c.detach() * (theta - theta.detach()). The threshold
+    is trained linearly (used clamped at 0, gradient straight through); eps = bandwidth x the batch's RMS of
+    x - b_dec."""
 
-    def __init__(self, d_in, d_sae, seed, l0, eps):
+    def __init__(self, d_in, d_sae, seed, l0, bandwidth):
         super().__init__(d_in, d_sae, seed)
-        self.log_threshold = nn.Parameter(torch.full((d_sae,), math.log(0.001)))
-        self.l0, self.eps = l0, eps
+        self.threshold = nn.Parameter(torch.full((d_sae,), 0.001))
+        self.l0, self.bandwidth = l0, bandwidth
 
     def forward(self, x):
-        theta = self.log_threshold.exp()
+        theta = self.threshold + (self.threshold.clamp_min(0) - self.threshold).detach()
+        self.eps = self.bandwidth * (x - self.b_dec).detach().pow(2).mean().sqrt()
         pre = (x - self.b_dec) @ self.W_enc + self.b_enc
         H = (pre > theta).float()
         K = ((pre - theta).abs() < self.eps / 2).float()
@@ -198,9 +203,9 @@ def test_ensemble_equals_separate_saes(arch, member_group):
     for i in range(n):
         ref = train_plain_sae(make(i, hp), data, lr)
         w = ens.member_weights(i)
-        expected = {k: v.detach() for k, v in ref.named_parameters() if k != "log_threshold"}
+        expected = {k: v.detach() for k, v in ref.named_parameters() if k != "threshold"}
         if arch == "jumprelu":
-            expected["threshold"] = ref.log_threshold.detach().exp()
+            expected["threshold"] = ref.threshold.detach().clamp_min(0)
             assert (w["threshold"] != 0.001).any()    # the STE moved some thresholds
         if "batchtopk" in arch:
             expected["threshold"] = torch.full((32,), ref.theta)

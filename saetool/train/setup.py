@@ -149,10 +149,8 @@ def setup_run(cfg: SweepConfig, dist: Dist, log=print) -> SweepRun:
 
 def _initialise(ensemble: SAEEnsemble, cfg: SweepConfig, store: ActivationStore, hook: str,
                 train_rows: tuple[int, int], log) -> float:
-    """JumpReLU's initial threshold, the input scale (returned; 1.0 without normalisation) and b_dec from data."""
-    if cfg.architecture == "jumprelu":
-        with torch.no_grad():
-            ensemble.log_threshold.fill_(float(np.log(cfg.jumprelu_init_threshold)))
+    """The input scale (returned; 1.0 without normalisation), b_dec from data, and JumpReLU's threshold unit and
+    initial threshold from the data scale (saetool.saes.jumprelu.initialise)."""
     scale = 1.0
     if cfg.normalize_activations == "expected_average_only_in":
         scale = normalization_factor(data_sample(store, hook, train_rows))
@@ -160,4 +158,7 @@ def _initialise(ensemble: SAEEnsemble, cfg: SweepConfig, store: ActivationStore,
     b_dec = b_dec_init(cfg.b_dec_init, store, hook, train_rows)
     if b_dec is not None:
         ensemble.set_b_dec(b_dec * scale)
+    if cfg.architecture == "jumprelu":  # threshold unit and initial threshold from the data scale
+        ensemble.arch.initialise(ensemble.training_tensors(), cfg.jumprelu_init_threshold,
+                                 data_sample(store, hook, train_rows) * scale)
     return scale

@@ -71,6 +71,7 @@ class GenerateConfig:
     """dtype the model runs in: float32, bfloat16 or float16."""
 
     def validate(self) -> None:
+        check_device(self.device)
         _check(self.context_size >= 2, "context_size", "must be >= 2")
         _check(self.chunk_size >= self.context_size and self.chunk_size % self.context_size == 0, "chunk_size",
                f"must be a positive multiple of context_size={self.context_size}")
@@ -208,6 +209,7 @@ class SweepConfig:
         return "bf16" if self.autocast == "bf16" else self.precision
 
     def validate(self) -> None:
+        check_device(self.device)
         _check(self.ratio > 0, "ratio", "must be > 0")
         _check(self.batch_size >= 1, "batch_size", "must be >= 1")
         _check(self.adam_lr > 0, "adam_lr", "must be > 0")
@@ -300,6 +302,26 @@ def _names(items) -> str:
     """("a",) -> "a"; ("a", "b", "c") -> "a, b and c"."""
     items = list(items)
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def check_device(device: str, name: str = "device") -> None:
+    """ValueError naming --device for a string torch cannot parse, or a device this machine does not have
+    (cuda without CUDA, cuda:N beyond the visible GPUs, mps without MPS)."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--{name} {device!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
+    if dev.type == "cuda":
+        _check(torch.cuda.is_available(), name, f"{device}: CUDA is not available here (torch {torch.__version__}"
+               f"{'' if torch.version.cuda else ', built without CUDA'}); use --{name} cpu")
+        _check(dev.index is None or dev.index < torch.cuda.device_count(), name,
+               f"{device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps":
+        _check(torch.backends.mps.is_available(), name, f"{device}: MPS is not available here; use --{name} cpu")
+    else:
+        _check(dev.type == "cpu", name, f"{device}: saetool runs on cpu, cuda or mps")
 
 
 def _check(ok: bool, name: str, message: str) -> None:

@@ -47,6 +47,7 @@ from saetool.config import GenerateConfig
 from saetool.data import special_token_ids
 from saetool.distributed import Dist, split_evenly
 from saetool.hooks import hook_widths, record_activations, resolve_hook_names, validate_hook_names
+from saetool.lock import writer_lock
 from saetool.models import EMBEDDED_MODEL, embedded_model_dir, load_model
 from saetool.store import ActivationStore, StoreError, StoreSpec, to_store_array
 from saetool.stream import ContextStream
@@ -112,6 +113,11 @@ def run_generate(cfg: GenerateConfig, dist: Dist | None = None, log=print) -> Ac
     """
     cfg.validate()
     dist = dist if dist is not None else Dist.current()
+    with writer_lock(cfg.dataset_folder, "dataset_folder", dist):  # one writer per store (saetool.lock)
+        return _generate(cfg, dist, log)
+
+
+def _generate(cfg: GenerateConfig, dist: Dist, log) -> ActivationStore:
     hook_names = resolve_hook_names(cfg.locations, cfg.layers)
     if cfg.model == EMBEDDED_MODEL:
         with main_process_first(dist):  # the one-off GGUF conversion, then everyone loads the cached copy

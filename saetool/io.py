@@ -19,7 +19,8 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from saetool.sae import SparseLinearAutoencoder, trained_architecture
 from saetool.saes import get_architecture
@@ -39,11 +40,13 @@ def write_json(path: str | os.PathLike, obj) -> None:
 
 
 def save_sae(path: str | os.PathLike, weights: dict[str, torch.Tensor], cfg: dict) -> None:
-    """Write one SAE folder (created if needed). `cfg` must give architecture, d_in, d_sae, dtype."""
+    """Write one SAE folder (created if needed). `cfg` must give architecture, d_in, d_sae, dtype.
+    Raises OSError (e.g. ENOSPC for a full disk) if a file cannot be written."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     dtype = DTYPES[cfg["dtype"]]
-    save_file({k: v.detach().to("cpu", dtype).contiguous() for k, v in weights.items()}, str(path / WEIGHTS_FILE))
+    data = safetensors_bytes({k: v.detach().to("cpu", dtype).contiguous() for k, v in weights.items()})
+    (path / WEIGHTS_FILE).write_bytes(data)  # through Python's file API, so a write error is an OSError
     write_json(path / CFG_FILE, cfg)
 
 
@@ -174,13 +177,18 @@ def write_sweep(out_dir: str | os.PathLike, members: list[tuple[dict, dict, dict
         arch = trained_architecture(cfg)
         names.setdefault(arch, []).append({h: cfg[h] for h in get_architecture(arch).HYPERPARAMS})
     names = {arch: iter(member_folder_names(arch, hps)) for arch, hps in names.items()}
-    for weights, cfg, metrics in members:
-        arch = trained_architecture(cfg)
-        hyperparams = {h: cfg[h] for h in get_architecture(arch).HYPERPARAMS}
-        name = next(names[arch])
-        save_sae(tmp / name, weights, cfg)
-        saved_as = {} if arch == cfg["architecture"] else {"saved_architecture": cfg["architecture"]}
-        entries.append({"path": f"saes/{name}", "architecture": arch, **saved_as, **hyperparams, "metrics": metrics})
+    try:
+        for weights, cfg, metrics in members:
+            arch = trained_architecture(cfg)
+            hyperparams = {h: cfg[h] for h in get_architecture(arch).HYPERPARAMS}
+            name = next(names[arch])
+            save_sae(tmp / name, weights, cfg)
+            saved_as = {} if arch == cfg["architecture"] else {"saved_architecture": cfg["architecture"]}
+            entries.append({"path": f"saes/{name}", "architecture": arch, **saved_as, **hyperparams,
+                            "metrics": metrics})
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # e.g. a full disk: free what was written
+        raise
     final = out_dir / "saes"
     if final.exists():
         shutil.rmtree(final)

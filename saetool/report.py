@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from saetool.config import check_device
 from saetool.io import load_sae, read_index, write_json
 from saetool.latent_stats import (
     DENSE_THRESHOLD,
@@ -76,6 +77,7 @@ class ReportConfig:
     """A latent is dense when it fires on more than this fraction of held-out tokens."""
 
     def validate(self) -> None:
+        check_device(self.device)
         if self.batch_size < 1:
             raise ValueError("--batch_size must be >= 1")
         if self.variants_per_forward < 1:

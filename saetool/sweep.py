@@ -28,6 +28,7 @@ import saetool
 from saetool.config import SweepConfig
 from saetool.distributed import Dist
 from saetool.io import INDEX_FILE, write_json
+from saetool.lock import writer_lock
 from saetool.train.checkpoint import fingerprint
 from saetool.train.loop import describe, train
 from saetool.train.outputs import evaluate, frontier_table, metrics_table, save_sweep
@@ -44,8 +45,13 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict | None:
     made with other settings; nothing is written in those cases.
     """
     cfg.validate()
-    if cfg.ensembles:
-        return run_ensembles(cfg, log)
+    with writer_lock(cfg.output_dir, "output_dir", Dist.current()):
+        if cfg.ensembles:
+            return run_ensembles(cfg, log)
+        return _train_and_save(cfg, log)
+
+
+def _train_and_save(cfg: SweepConfig, log) -> dict | None:
     run = setup_run(cfg, Dist.current(), log)
     state = _load_checkpoint(run, log)
     step = choose_step(cfg, run.ensemble, run.optimizer, run.dist, run.data_parallel, run.total_steps,
@@ -55,7 +61,12 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict | None:
     metrics = None
     if run.eval_rows and (run.by_members or run.dist.is_main):
         metrics = evaluate(run.ensemble, run.store, run.hook, run.eval_rows, cfg.batch_size, cfg.device, run.scale)
-    index = save_sweep(run, run.out, metrics, trained.summary)
+    try:
+        index = save_sweep(run, run.out, metrics, trained.summary)
+    except OSError as e:
+        kept = (f"the trained state is kept in {run.out / 'checkpoint'}: free space and rerun with --resume True to "
+                "save it without retraining") if cfg.checkpoint_every else "nothing was kept (no --checkpoint_every)"
+        raise ValueError(f"saving the sweep to {run.out} failed ({e.strerror or e}); {kept}") from None
     run.checkpointer.remove()
     if index is None:
         return None

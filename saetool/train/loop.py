@@ -83,6 +83,9 @@ def train(run: SweepRun, step: Step, state: dict | None, log=print) -> Trained:
                     _checkpoint(run, step, tracker, Position(epoch, i + 1, at.steps, at.tokens))
             if epoch < cfg.n_repetitions - 1:
                 save_sweep(run, run.out / "snapshots" / f"epoch_{epoch}", None, {})
+        if cfg.checkpoint_every and trained_here and at.steps % cfg.checkpoint_every:
+            # the end of training, so that a save that fails (disk full) resumes without retraining
+            _checkpoint(run, step, tracker, Position(cfg.n_repetitions - 1, len(run.loader), at.steps, at.tokens))
     finally:
         logger.close()
     seconds = time.perf_counter() - start

@@ -130,7 +130,12 @@ def _explain_unknown(name: str, valid: list[str], n_layers: int | None) -> str:
     return f"{name!r} (valid names include {', '.join(sorted(pool)[:8])}, ...)"
 
 
-def validate_hook_names(model, hook_names: list[str]) -> None:
+def as_hook_list(hook_names: str | list[str]) -> list[str]:
+    """A list of hook names: a bare string is one name (not its characters), any other iterable is listed."""
+    return [hook_names] if isinstance(hook_names, str) else list(hook_names)
+
+
+def validate_hook_names(model, hook_names: str | list[str]) -> None:
     """Check that every hook name can be recorded from ``model``, before any data is read.
 
     A name must be in ``model.hook_dict``, must not be gated off in the bridge (e.g. ``attn.hook_result``
@@ -140,7 +145,7 @@ def validate_hook_names(model, hook_names: list[str]) -> None:
     Raises:
         ValueError: one line naming each bad hook with the closest valid names (or the layer range).
     """
-    hook_names = list(hook_names)
+    hook_names = as_hook_list(hook_names)
     if not hook_names:
         raise ValueError("no hook names given")
     valid = list(model.hook_dict)
@@ -160,14 +165,14 @@ def validate_hook_names(model, hook_names: list[str]) -> None:
         raise ValueError("unknown or unusable hook name(s): " + "; ".join(problems))
 
 
-def stop_at_layer(hook_names: list[str]) -> int | None:
+def stop_at_layer(hook_names: str | list[str]) -> int | None:
     """Number of blocks the forward pass must run to reach all ``hook_names``: max block index + 1.
 
     Returns None (run the whole model) if any name is not under ``blocks.{N}.`` (e.g. ``ln_final.*``,
     ``hook_embed``) or if the list is empty.
     """
     layers = []
-    for name in hook_names:
+    for name in as_hook_list(hook_names):
         match = _BLOCK_RE.match(name)
         if match is None:
             return None
@@ -208,7 +213,7 @@ def _model_device(model) -> torch.device:
 
 
 @torch.inference_mode()
-def record_activations(model, tokens: torch.Tensor, hook_names: list[str]) -> dict[str, torch.Tensor]:
+def record_activations(model, tokens: torch.Tensor, hook_names: str | list[str]) -> dict[str, torch.Tensor]:
     """Run ``tokens`` through ``model`` and return the flattened activations at ``hook_names``.
 
     Args:
@@ -231,7 +236,7 @@ def record_activations(model, tokens: torch.Tensor, hook_names: list[str]) -> di
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.is_floating_point():
         shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
         raise ValueError(f"tokens must be an integer tensor [batch, pos], got {shape}")
-    hook_names = list(hook_names)
+    hook_names = as_hook_list(hook_names)
     if not hook_names:
         raise ValueError("no hook names given")
     tokens = tokens.to(device=_model_device(model), dtype=torch.long)
@@ -250,7 +255,7 @@ def record_activations(model, tokens: torch.Tensor, hook_names: list[str]) -> di
     return result
 
 
-def hook_widths(model, hook_names: list[str]) -> dict[str, int]:
+def hook_widths(model, hook_names: str | list[str]) -> dict[str, int]:
     """Width ``d`` of each hook's flattened activation (``[batch * pos, d]``), from one 1-token forward.
 
     E.g. ``hook_resid_post`` -> d_model, ``mlp.hook_post`` -> d_mlp, ``attn.hook_z`` -> n_heads * d_head.

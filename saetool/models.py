@@ -193,6 +193,33 @@ def _short_reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
+def _hub_unreachable(repo_id: str, timeout: float = 3.0) -> str | None:
+    """Why a hub model cannot be fetched, found in about a second (transformers retries for ~55 s offline), or
+    None: None when `repo_id` is in the local Hugging Face cache, or when the hub host accepts a TCP connection
+    (or a proxy is configured, which we cannot probe). Otherwise the reason: HF_HUB_OFFLINE is set, or the host
+    (HF_ENDPOINT, default huggingface.co) could not be reached."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+            return None
+    except ValueError:  # not a valid repo id; the hub load below says so
+        return None
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError as e:
+        return f"the hub ({url.hostname}) cannot be reached: {e.strerror or e} (offline?)"
+    return None
+
+
 def _load_hf(source: str, dtype: torch.dtype):
     """``AutoModelForCausalLM`` + ``AutoTokenizer`` from a local folder or a hub name."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -244,6 +271,10 @@ def load_model(
         hf_model, tokenizer = _load_hf(source, torch_dtype)
     else:
         source = name_or_path
+        offline = _hub_unreachable(name_or_path)
+        if offline:
+            raise ValueError(f"cannot load model {name_or_path!r}: not the embedded {EMBEDDED_MODEL!r}, not a local "
+                             f"directory, not in the Hugging Face cache, and {offline}")
         try:
             hf_model, tokenizer = _load_hf(source, torch_dtype)
         except Exception as error:  # offline, unknown repo, gated repo, bad files...

@@ -201,3 +201,18 @@ def test_record_rejects_bad_tokens(tiny_model):
         record_activations(tiny_model, torch.tensor([3, 4, 5]), ["blocks.0.hook_resid_post"])
     with pytest.raises(ValueError, match="integer tensor"):
         record_activations(tiny_model, torch.zeros(2, 3), ["blocks.0.hook_resid_post"])
+
+
+def test_a_bare_hook_name_string_is_one_name_everywhere(tiny_model):
+    # issue 13 item 14: a string was iterated character by character
+    name = "blocks.0.hook_resid_post"
+    tokens = _tokens()
+    one = record_activations(tiny_model, tokens, name)
+    assert list(one) == [name]
+    torch.testing.assert_close(one[name], record_activations(tiny_model, tokens, [name])[name], atol=0, rtol=0)
+    validate_hook_names(tiny_model, name)
+    with pytest.raises(ValueError, match="unknown or unusable hook name"):
+        validate_hook_names(tiny_model, "blocks.0.hook_resid_pots")
+    assert hook_widths(tiny_model, name) == {name: 32}
+    assert stop_at_layer("blocks.1.hook_resid_post") == 2
+    assert resolve_hook_names("blocks.0.hook_resid_post") == [name]

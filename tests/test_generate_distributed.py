@@ -177,9 +177,18 @@ class ThreadDist(Dist):
     raises BrokenBarrierError instead of blocking the suite)."""
 
     barriers: dict = {}
+    boxes: dict = {}
 
     def barrier(self) -> None:
         ThreadDist.barriers[self.world_size].wait(timeout=60)
+
+    def broadcast_object(self, obj, src: int = 0):
+        if self.rank == src:
+            ThreadDist.boxes[self.world_size] = obj
+        self.barrier()
+        value = ThreadDist.boxes[self.world_size]
+        self.barrier()  # nobody overwrites the box before every rank has read it
+        return value
 
 
 def test_rank_with_no_chunks_reaches_the_barrier(tiny_model_dir, text_dir, tmp_path):

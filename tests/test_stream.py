@@ -40,7 +40,7 @@ def oracle(texts, *, context_size, n_contexts, buffer_size, seed, prepend_bos=Tr
 
 
 def make_stream(texts, *, state=None, **kw):
-    args = dict(context_size=8, n_contexts=None, buffer_size=16, seed=3, per_chunk=5)
+    args = {"context_size": 8, "n_contexts": None, "buffer_size": 16, "seed": 3, "per_chunk": 5}
     args.update(kw)
     return st.ContextStream(iter(texts), make_word_tokenizer(), args.pop("context_size"), bos_token_id=BOS,
                             sep_token_id=EOS, pad_token_id=EOS, state=state, **args)

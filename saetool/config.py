@@ -135,8 +135,10 @@ class SweepConfig:
     decoder_norm_l1: bool = False
     """standard only: L1 weighted by decoder norms, no unit-norm decoder projection (the April 2024 recipe;
     SAELens' standard training loss with l1_coefficient x d_in, as SAELens sums the MSE over d_in)."""
-    grad_clip_norm: float = 0.0
-    """Clip each member's gradient to this L2 norm (over all its tensors) before Adam; 0 = off."""
+    grad_clip_norm: float | None = None
+    """Clip each member's gradient to this L2 norm (over all its tensors) before Adam; 0 = off; None (or auto) = 1/d_in
+    for standard and gated (SAELens clips at 1 a loss d_in times ours; README "Gradient clipping by default"), off for
+    the others."""
     dead_window: int = 10_000_000
     """A latent is dead when it has not fired in this many training tokens (AuxK and resampling use it)."""
     auxk_coefficient: float = 0.0
@@ -208,6 +210,12 @@ class SweepConfig:
         """--precision, with the deprecated --autocast bf16 read as --precision bf16."""
         return "bf16" if self.autocast == "bf16" else self.precision
 
+    def clip_norm(self, d_in: int) -> float:
+        """--grad_clip_norm with None resolved (AUTO_CLIP_ARCHITECTURES: 1 / d_in, others 0 = off)."""
+        if self.grad_clip_norm is not None:
+            return self.grad_clip_norm
+        return 1.0 / d_in if self.architecture in AUTO_CLIP_ARCHITECTURES else 0.0
+
     def validate(self) -> None:
         check_device(self.device)
         _check(self.ratio > 0, "ratio", "must be > 0")
@@ -219,7 +227,7 @@ class SweepConfig:
         _check(self.b_dec_init in ("mean", "geometric_median", "zeros"), "b_dec_init",
                "must be mean, geometric_median or zeros")
         _check(self.lr_decay_steps >= 0, "lr_decay_steps", "must be >= 0")
-        _check(self.grad_clip_norm >= 0, "grad_clip_norm", "must be >= 0")
+        _check(self.grad_clip_norm is None or self.grad_clip_norm >= 0, "grad_clip_norm", "must be >= 0 (or None)")
         _check(self.dead_window >= 1, "dead_window", "must be >= 1")
         _check(self.auxk_coefficient >= 0, "auxk_coefficient", "must be >= 0")
         _check(self.k_aux >= 0, "k_aux", "must be >= 0")
@@ -283,6 +291,9 @@ class SweepConfig:
 
 
 _L1 = ("standard", "gated")
+# --grad_clip_norm None clips these at 1 / d_in: SAELens's clipping at 1, in our loss's units (our MSE is a mean
+# over d_in where SAELens sums it). It halves standard SAEs' FVU at equal L0 (README, benchmarks/bench_quality.py).
+AUTO_CLIP_ARCHITECTURES = _L1
 _TOPK = ("topk", "batchtopk", "matryoshka_batchtopk")
 # Flags that act on some architectures only: {flag: the architectures it acts on}. SweepConfig.validate refuses
 # one set away from its default on any other architecture (e.g. --k_values with standard).
@@ -416,6 +427,8 @@ def build(cls, kwargs: dict):
                 value = _integer(value)
             except (TypeError, ValueError):
                 raise ValueError(f"--{name} expects an integer, got {value!r}") from None
+        elif hint.startswith("float") and hint.endswith("None") and str(value).lower() in ("auto", "none"):
+            value = None  # an optional number's automatic setting (--grad_clip_norm auto)
         elif hint.startswith("float") and value is not None:
             try:
                 value = float(value)

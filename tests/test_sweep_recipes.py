@@ -154,3 +154,51 @@ def test_wandb_that_cannot_start_is_a_one_line_error(store, tmp_path, monkeypatc
     with pytest.raises(ValueError, match=r"W&B could not start a run \(No API key configured.*\); run `wandb login`"):
         sweep(store, tmp_path / "run3", wandb_project="saes")
     assert not (tmp_path / "run3").exists()
+
+
+def test_default_clips_each_standard_member_at_1_over_d_in_like_a_lone_clipped_sae(store, tmp_path):
+    # the oracle: textbook single SAEs on the sweep's batches, torch.nn.utils.clip_grad_norm_ at 1 / d_in = 1/8
+    from saetool.loader import BatchLoader
+    from tests.test_ensemble import PlainSAE
+
+    l1 = [1e-3, 3e-2]
+    index = sweep(store, tmp_path / "default", l1_values=l1, b_dec_init="zeros")
+    assert index["training"]["grad_clip_norm"] == 1 / 8
+    s = ActivationStore.open(store)
+    batches = [x.float() for x in BatchLoader(s, s.resolve_hook(None), 30, (0, 560), seed=0).epoch(0)]
+    trained, clipped = load_sweep(tmp_path / "default"), 0
+    for i, v in enumerate(l1):
+        ref = PlainSAE(8, 16, i, l1=v)
+        opt = torch.optim.Adam(ref.parameters(), lr=0.01)
+        for x in batches:
+            opt.zero_grad()
+            ref(x).backward()
+            clipped += int(torch.nn.utils.clip_grad_norm_(ref.parameters(), 1 / 8) > 1 / 8)
+            opt.step()
+            with torch.no_grad():
+                ref.W_dec /= ref.W_dec.norm(dim=-1, keepdim=True)
+        for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+            torch.testing.assert_close(getattr(trained[v], name), getattr(ref, name).detach(), atol=1e-5, rtol=0)
+    assert clipped > 0                                  # the clip acted
+    sweep(store, tmp_path / "off", l1_values=l1, b_dec_init="zeros", grad_clip_norm=0.0)
+    unclipped = load_sweep(tmp_path / "off")
+    assert (unclipped[l1[0]].W_enc - trained[l1[0]].W_enc).abs().max() > 1e-3
+
+
+def test_grad_clip_norm_auto_is_1_over_d_in_for_l1_architectures_only():
+    assert [SweepConfig(architecture=a).clip_norm(576) for a in ("standard", "gated")] == [1 / 576] * 2
+    assert [SweepConfig(architecture=a).clip_norm(576) for a in ("topk", "batchtopk", "jumprelu",
+                                                                 "matryoshka_batchtopk")] == [0.0] * 4
+    assert SweepConfig(architecture="topk", grad_clip_norm=0.5).clip_norm(576) == 0.5
+    assert SweepConfig(grad_clip_norm=0.0).clip_norm(576) == 0.0
+
+
+def test_grad_clip_norm_flag_reads_auto_none_and_numbers():
+    from saetool.config import build
+
+    assert [build(SweepConfig, {"grad_clip_norm": v}).grad_clip_norm for v in ("auto", "None", None, "0", 0.5)] \
+        == [None, None, None, 0.0, 0.5]
+    with pytest.raises(ValueError, match=r"--grad_clip_norm expects a number, got 'off'"):
+        build(SweepConfig, {"grad_clip_norm": "off"})
+    with pytest.raises(ValueError, match=r"grad_clip_norm"):
+        build(SweepConfig, {"grad_clip_norm": -1})

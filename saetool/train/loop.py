@@ -96,7 +96,8 @@ def train(run: SweepRun, step: Step, state: dict | None, log=print) -> Trained:
     summary = {"steps": at.steps, "tokens": at.tokens, "seconds_this_run": round(seconds, 2),
                "tokens_per_s": round(rate, 1), "sae_tokens_per_s": round(rate * run.n_members, 1),
                "world_size": dist.world_size, "parallel": cfg.parallel if dist.active else "none",
-               "compiled": step.compiled, "kernel": "fused" if step.fused else "autograd", "precision": step.precision}
+               "compiled": step.compiled, "kernel": "fused" if step.fused else "autograd", "precision": step.precision,
+               "grad_clip_norm": step.grad_clip_norm}
     return Trained(summary, logger)
 
 

@@ -128,7 +128,8 @@ class Step:
 
     def describe(self) -> str:
         return (("fused kernel" if self.fused else "autograd") + f", {self.precision}"
-                + (", compiled" if self.compiled else ""))
+                + (", compiled" if self.compiled else "")
+                + (f", gradients clipped per SAE at {self.grad_clip_norm:.3g}" if self.grad_clip_norm else ""))
 
     def __call__(self, x_local: torch.Tensor, n_total: int, dead: torch.Tensor | None) -> dict[str, torch.Tensor]:
         if self.fused:
@@ -160,5 +161,5 @@ def choose_step(cfg: SweepConfig, ensemble: SAEEnsemble, optimizer: torch.optim.
     if data_parallel and not fused:  # the fused kernel sums its gradients over ranks itself
         model = torch.nn.parallel.DistributedDataParallel(ensemble, broadcast_buffers=False)
     fn = fused_step_fn(use_compile, precision) if fused else autograd_step_fn(use_compile, precision, device_type)
-    return Step(ensemble, optimizer, dist, data_parallel, fused, precision, use_compile, group, cfg.grad_clip_norm,
-                fn, model)
+    return Step(ensemble, optimizer, dist, data_parallel, fused, precision, use_compile, group,
+                cfg.clip_norm(ensemble.d_in), fn, model)

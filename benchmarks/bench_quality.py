@@ -114,7 +114,7 @@ def train_saelens(args, architecture: str, values: list, batches: list[torch.Ten
                 for name, value in init_member(d_in, d_sae, i).items():
                     getattr(sae, name).copy_(value)
                 sae.b_dec.copy_(mean)
-        cfg = SAETrainerConfig(total_training_samples=len(batches) * args.batch_size,
+        cfg = SAETrainerConfig(total_training_samples=sum(b.shape[0] for b in batches),  # the last batch is short
                                train_batch_size_samples=args.batch_size, lr=args.lr, lr_end=args.lr / 10,
                                device="cpu")  # lr_end as its runner config sets it (unused: constant lr)
         SAETrainer(cfg=cfg, sae=sae, data_provider=iter(batches)).fit()
@@ -136,6 +136,7 @@ def main():
     p.add_argument("--only", default="", help="comma list of architectures to run (default: all)")
     p.add_argument("--skip", default="", help="comma list of recipe names (or architecture/recipe) to skip")
     p.add_argument("--out", default="runs/bench")
+    p.add_argument("--keep", action="store_true", help="keep the recipes of an earlier run with the same arguments")
     args = p.parse_args()
     skip = set(args.skip.split(","))
 
@@ -175,9 +176,14 @@ def main():
         ("topk", "SAELens from saetool's init", lambda: train_saelens(args, "topk", ks, batches, eval_x, mean)),
     ]
     only = set(args.only.split(",")) if args.only else None
-    rows = []
+    rows, done = [], set()
+    saved = Path(args.out) / "quality.json"
+    if args.keep and saved.exists() and json.loads(saved.read_text())["args"] == vars(args):
+        rows = json.loads(saved.read_text())["rows"]   # recipes measured by an earlier run with the same arguments
+        done = {(r["architecture"], r["recipe"]) for r in rows}
     for architecture, name, fn in recipes:
-        if name in skip or f"{architecture}/{name}" in skip or (only and architecture not in only):
+        if name in skip or f"{architecture}/{name}" in skip or (only and architecture not in only) \
+                or (architecture, name) in done:
             continue
         t0 = time.perf_counter()
         points = fn()

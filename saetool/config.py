@@ -91,7 +91,13 @@ class SweepConfig:
     dataset_dir: str = "activation_data"
     """The activation store written by `saetool generate`."""
     hook_name: str | None = None
-    """Hook array of the store to train on (needed only when the store holds several)."""
+    """Hook array of the store to train on (needed only when the store holds several); a transcoder's input."""
+    target_hook: str | None = None
+    """Train transcoders: encode --hook_name (e.g. blocks.2.ln2.hook_normalized), predict this hook of the same rows
+    (e.g. blocks.2.hook_mlp_out); metrics are about the target. standard, topk, batchtopk, matryoshka_batchtopk,
+    jumprelu (saetool.transcoder)."""
+    skip_connection: bool = False
+    """With --target_hook: add a linear skip term x_in W_skip^T (W_skip [d_out, d_in], zero at init)."""
     output_dir: str = "sweep_outputs"
     """Where the sweep (sweep.json, saes/<member>/, metrics.md) is written."""
     architecture: str = "standard"
@@ -231,6 +237,9 @@ class SweepConfig:
         _check(self.architecture in ARCHITECTURES, "architecture", f"must be one of {', '.join(ARCHITECTURES)}")
         if self.ensembles is None:  # with ensembles, saetool.sweep.ensemble_configs checks each one
             self._refuse_flags_that_cannot_act()
+            from saetool.transcoder import check_sweep_flags
+
+            check_sweep_flags(self)
         _check(self.normalize_activations in ("none", "expected_average_only_in"), "normalize_activations",
                "must be none or expected_average_only_in")
         _check(self.lr_warmup_steps >= 0, "lr_warmup_steps", "must be >= 0")
@@ -295,6 +304,7 @@ ARCHITECTURE_FLAGS = {
     "l0_values": ("jumprelu",), "jumprelu_bandwidth": ("jumprelu",), "jumprelu_init_threshold": ("jumprelu",),
     "decoder_norm_l1": ("standard",), "tied": ("standard",),
     "resample_every": ("standard", *_TOPK),
+    "target_hook": ("standard", *_TOPK, "jumprelu"), "skip_connection": ("standard", *_TOPK, "jumprelu"),
 }
 
 

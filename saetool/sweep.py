@@ -60,7 +60,8 @@ def _train_and_save(cfg: SweepConfig, log) -> dict | None:
     trained = train(run, step, state, log)
     metrics = None
     if run.eval_rows and (run.by_members or run.dist.is_main):
-        metrics = evaluate(run.ensemble, run.store, run.hook, run.eval_rows, cfg.batch_size, cfg.device, run.scale)
+        metrics = evaluate(run.ensemble, run.store, run.hook, run.eval_rows, cfg.batch_size, cfg.device, run.scale,
+                           run.target)
     try:
         index = save_sweep(run, run.out, metrics, trained.summary)
     except OSError as e:

@@ -45,8 +45,12 @@ def describe(run: SweepRun, step: Step) -> str:
     """The one-line summary printed before training."""
     cfg, dist, param = run.cfg, run.dist, run.ensemble.arch.SWEEP_PARAM
     values = run.hyper[param]
-    return (f"sweep: {run.n_members} {cfg.architecture} SAEs ({param} {values[0]:.3g}..{values[-1]:.3g}), "
-            f"d_in {run.ensemble.d_in}, d_sae {run.ensemble.d_sae}, hook {run.hook}, {run.loader.n_rows} training "
+    kind, hooks = "SAEs", f"hook {run.hook}"
+    if run.target is not None:
+        kind = "skip transcoders" if cfg.skip_connection else "transcoders"
+        hooks = f"d_out {run.ensemble.d_out}, hooks {run.hook} -> {run.target}"
+    return (f"sweep: {run.n_members} {cfg.architecture} {kind} ({param} {values[0]:.3g}..{values[-1]:.3g}), "
+            f"d_in {run.ensemble.d_in}, d_sae {run.ensemble.d_sae}, {hooks}, {run.loader.n_rows} training "
             f"rows x {cfg.n_repetitions}, device {cfg.device}, {dist.world_size} process(es)"
             + (f", parallel {cfg.parallel}" if dist.active else "") + f", {step.describe()}")
 

@@ -35,7 +35,7 @@ class GenerateConfig:
     """Column holding the text (jsonl, parquet, hub datasets)."""
     locations: list[str] = field(default_factory=lambda: ["residual"])
     """Hook points: TransformerLens hook names (blocks.2.hook_resid_post) or aliases expanded over --layers:
-    residual, mlp, mlpout, attn_concat, attn (= hook_attn_out)."""
+    residual, mlp, mlpin (the MLP's input, mlp.hook_in), mlpout, attn_concat, attn (= hook_attn_out)."""
     layers: list[int] = field(default_factory=lambda: [2])
     """Layers for the location aliases."""
     dataset_folder: str = "activation_data"

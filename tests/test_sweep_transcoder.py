@@ -114,3 +114,45 @@ def test_a_target_hook_with_other_rows_is_refused(tmp_path):
     with pytest.raises(ValueError, match="--target_hook blocks.0.hook_mlp_out has 56 rows but --hook_name") as e:
         run_sweep(cfg)
     assert "\n" not in str(e.value) and not (tmp_path / "o").exists()
+
+
+def test_generate_mlpin_mlpout_then_transcoder_sweep_with_report_on_the_tiny_model(tiny_model_dir, tiny_model,
+                                                                                   tmp_path):
+    """One `generate` records both hooks; the sweep's report scores each transcoder on the target and splices it in
+    place of the MLP output: its numbers are those of evaluate_spliced run directly on the loaded members."""
+    import saetool.generate as gen
+    from saetool.config import GenerateConfig
+    from saetool.evaluate import evaluate_spliced, heldout_contexts
+    from saetool.io import load_sweep
+    from saetool.report import write_report
+    from tests.helpers import WORDS
+
+    text = tmp_path / "text"
+    text.mkdir()
+    rng = np.random.default_rng(0)
+    (text / "doc.txt").write_text(" ".join(rng.choice(WORDS, 600)))
+    gen.run_generate(GenerateConfig(model=str(tiny_model_dir), dataset=str(text), locations=["mlpin", "mlpout"],
+                                    layers=[0], context_size=16, chunk_size=128, n_chunks=4, batch_size=8,
+                                    device="cpu", dtype="float32", dataset_folder=str(tmp_path / "s.zarr")),
+                     log=lambda *a: None)
+    store = ActivationStore.open(tmp_path / "s.zarr")
+    assert store.spec.hook_names == ["blocks.0.mlp.hook_in", "blocks.0.hook_mlp_out"]
+    out = tmp_path / "sweep"
+    run_sweep(build(SweepConfig, {"dataset_dir": str(tmp_path / "s.zarr"), "hook_name": "blocks.0.mlp.hook_in",
+                                  "target_hook": "blocks.0.hook_mlp_out", "output_dir": str(out), "batch_size": 32,
+                                  "eval_tokens": 128, "architecture": "topk", "k_values": [4, 8], "ratio": 2,
+                                  "skip_connection": True, "n_repetitions": 2, "adam_lr": 1e-2, "device": "cpu",
+                                  "report": False}), log=lambda *a: None)
+    write_report(out, model=tiny_model, device="cpu", batch_size=4, log=lambda *a: None)
+    ev = json.loads((out / "report" / "evaluation.json").read_text())
+    index = read_index(out)
+    for m, e in zip(ev["members"], index["members"]):
+        for k in ("fvu", "l0", "mse"):
+            assert m["heldout"][k] == pytest.approx(e["metrics"][k], rel=1e-5, abs=1e-9), k
+    tokens, mask = heldout_contexts(store, 128)
+    direct = evaluate_spliced(tiny_model, list(load_sweep(out).values()), tokens, mask, batch_size=8)
+    for m, d in zip(ev["members"], direct):
+        for k in ("clean_ce", "spliced_ce", "zero_ablation_ce", "mean_ablation_ce", "kl"):
+            assert m["spliced"][k] == pytest.approx(d[k], rel=1e-6), k
+        assert m["spliced"]["spliced_ce"] != m["spliced"]["clean_ce"]
+    assert ev["sweep"]["hook_name"] == "blocks.0.mlp.hook_in -> blocks.0.hook_mlp_out"

@@ -91,11 +91,12 @@ class SweepConfig:
     dataset_dir: str = "activation_data"
     """The activation store written by `saetool generate`."""
     hook_name: str | None = None
-    """Hook array of the store to train on (needed only when the store holds several); a transcoder's input."""
+    """Hook array of the store to train on (needed only when the store holds several); a transcoder's input. "all" (every
+    hook) or a comma list trains one ensemble per hook on the same row batches, read once (saetool.multihook)."""
     target_hook: str | None = None
-    """Train transcoders: encode --hook_name (e.g. blocks.2.ln2.hook_normalized), predict this hook of the same rows
+    """Train transcoders: encode --hook_name (e.g. blocks.2.mlp.hook_in, the MLP input), predict this hook of the same rows
     (e.g. blocks.2.hook_mlp_out); metrics are about the target. standard, topk, batchtopk, matryoshka_batchtopk,
-    jumprelu (saetool.transcoder)."""
+    jumprelu (saetool.transcoder). With a --hook_name list: one target per input hook, in order."""
     skip_connection: bool = False
     """With --target_hook: add a linear skip term x_in W_skip^T (W_skip [d_out, d_in], zero at init)."""
     output_dir: str = "sweep_outputs"
@@ -432,7 +433,7 @@ def build(cls, kwargs: dict):
             except (TypeError, ValueError):
                 raise ValueError(f"--{name} expects a number, got {value!r}") from None
         elif hint.startswith("str") and value is not None:
-            value = str(value)
+            value = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
         values[name] = value
     cfg = cls(**values)
     cfg.validate()

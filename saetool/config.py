@@ -305,7 +305,7 @@ ARCHITECTURE_FLAGS = {
     "l0_values": ("jumprelu",), "jumprelu_bandwidth": ("jumprelu",), "jumprelu_init_threshold": ("jumprelu",),
     "decoder_norm_l1": ("standard",), "tied": ("standard",),
     "resample_every": ("standard", *_TOPK),
-    "target_hook": ("standard", *_TOPK, "jumprelu"), "skip_connection": ("standard", *_TOPK, "jumprelu"),
+    "target_hook": ("standard", *_TOPK, "jumprelu"),  # --skip_connection needs it (saetool.transcoder)
 }
 
 

@@ -35,7 +35,7 @@ class GenerateConfig:
     """Column holding the text (jsonl, parquet, hub datasets)."""
     locations: list[str] = field(default_factory=lambda: ["residual"])
     """Hook points: TransformerLens hook names (blocks.2.hook_resid_post) or aliases expanded over --layers:
-    residual, mlp, mlpout, attn_concat, attn (= hook_attn_out)."""
+    residual, mlp, mlpin (the MLP's input, mlp.hook_in), mlpout, attn_concat, attn (= hook_attn_out)."""
     layers: list[int] = field(default_factory=lambda: [2])
     """Layers for the location aliases."""
     dataset_folder: str = "activation_data"
@@ -91,7 +91,14 @@ class SweepConfig:
     dataset_dir: str = "activation_data"
     """The activation store written by `saetool generate`."""
     hook_name: str | None = None
-    """Hook array of the store to train on (needed only when the store holds several)."""
+    """Hook array of the store to train on (needed only when the store holds several); a transcoder's input. "all" (every
+    hook) or a comma list trains one ensemble per hook on the same row batches, read once (saetool.multihook)."""
+    target_hook: str | None = None
+    """Train transcoders: encode --hook_name (e.g. blocks.2.mlp.hook_in, the MLP input), predict this hook of the same rows
+    (e.g. blocks.2.hook_mlp_out); metrics are about the target. standard, topk, batchtopk, matryoshka_batchtopk,
+    jumprelu (saetool.transcoder). With a --hook_name list: one target per input hook, in order."""
+    skip_connection: bool = False
+    """With --target_hook: add a linear skip term x_in W_skip^T (W_skip [d_out, d_in], zero at init)."""
     output_dir: str = "sweep_outputs"
     """Where the sweep (sweep.json, saes/<member>/, metrics.md) is written."""
     architecture: str = "standard"
@@ -137,7 +144,7 @@ class SweepConfig:
     SAELens' standard training loss with l1_coefficient x d_in, as SAELens sums the MSE over d_in)."""
     grad_clip_norm: float | None = None
     """Clip each member's gradient to this L2 norm (over all its tensors) before Adam; 0 = off; None (or auto) = 1/d_in
-    for standard and gated (SAELens clips at 1 a loss d_in times ours; README "Gradient clipping by default"), off for
+    (1/d_out for a transcoder) for standard and gated (SAELens clips at 1 a loss d_in times ours; README "Gradient clipping by default"), off for
     the others."""
     dead_window: int = 10_000_000
     """A latent is dead when it has not fired in this many training tokens (AuxK and resampling use it)."""
@@ -210,11 +217,12 @@ class SweepConfig:
         """--precision, with the deprecated --autocast bf16 read as --precision bf16."""
         return "bf16" if self.autocast == "bf16" else self.precision
 
-    def clip_norm(self, d_in: int) -> float:
-        """--grad_clip_norm with None resolved (AUTO_CLIP_ARCHITECTURES: 1 / d_in, others 0 = off)."""
+    def clip_norm(self, d_out: int) -> float:
+        """--grad_clip_norm with None resolved: AUTO_CLIP_ARCHITECTURES 1 / d_out (the reconstructed width, d_in for
+        an SAE: our MSE is a mean over it where SAELens sums it), others 0 = off."""
         if self.grad_clip_norm is not None:
             return self.grad_clip_norm
-        return 1.0 / d_in if self.architecture in AUTO_CLIP_ARCHITECTURES else 0.0
+        return 1.0 / d_out if self.architecture in AUTO_CLIP_ARCHITECTURES else 0.0
 
     def validate(self) -> None:
         check_device(self.device)
@@ -239,6 +247,9 @@ class SweepConfig:
         _check(self.architecture in ARCHITECTURES, "architecture", f"must be one of {', '.join(ARCHITECTURES)}")
         if self.ensembles is None:  # with ensembles, saetool.sweep.ensemble_configs checks each one
             self._refuse_flags_that_cannot_act()
+            from saetool.transcoder import check_sweep_flags
+
+            check_sweep_flags(self)
         _check(self.normalize_activations in ("none", "expected_average_only_in"), "normalize_activations",
                "must be none or expected_average_only_in")
         _check(self.lr_warmup_steps >= 0, "lr_warmup_steps", "must be >= 0")
@@ -306,6 +317,7 @@ ARCHITECTURE_FLAGS = {
     "l0_values": ("jumprelu",), "jumprelu_bandwidth": ("jumprelu",), "jumprelu_init_threshold": ("jumprelu",),
     "decoder_norm_l1": ("standard",), "tied": ("standard",),
     "resample_every": ("standard", *_TOPK),
+    "target_hook": ("standard", *_TOPK, "jumprelu"),  # --skip_connection needs it (saetool.transcoder)
 }
 
 
@@ -435,7 +447,7 @@ def build(cls, kwargs: dict):
             except (TypeError, ValueError):
                 raise ValueError(f"--{name} expects a number, got {value!r}") from None
         elif hint.startswith("str") and value is not None:
-            value = str(value)
+            value = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
         values[name] = value
     cfg = cls(**values)
     cfg.validate()

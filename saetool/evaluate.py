@@ -18,6 +18,15 @@ trained on, the same positions generation masks out). Definitions (``ce`` = mean
     kl_div_score      = (zero_ablation_kl - kl) / zero_ablation_kl
     perplexity        = exp(ce)                                       (the original tool's `calculate_perplexity`)
 
+Transcoders (``sae.transcoder``: cfg ``hook_name`` = the input hook, metadata ``hook_name_out`` = the output hook)
+are spliced at their OUTPUT hook: in the same forward the input hook's activation ``x_in`` is captured and the output
+hook's activation is replaced by the transcoder's prediction ``sae(x_in)`` (skip term included) at the kept positions,
+i.e. the MLP's output is replaced by the transcoder's computation from the MLP's input; the zero and mean ablations
+replace the output hook's activation (``x_out -> 0``, ``x_out -> mean``), so ``ce_loss_recovered`` is the fraction of
+the MLP's contribution to the loss that the transcoder recovers (SAELens' transcoder evaluation, sparsify
+``--transcode``). The input hook is read before the output hook in a forward pass (an MLP's input precedes its
+output), so the captured ``x_in`` is the clean one.
+
 Sources: ``ce_loss_recovered`` is SAELens' ``ce_loss_score`` and SAEBench core's "CE loss recovered" (zero-ablation
 baseline); ``kl`` is SAELens ``evals._kl`` (``kl_div_with_sae``, KL(original || reconstructed) summed over the
 vocabulary per token) and ``kl_div_score`` SAELens' score of the same name; the mean-ablation baseline is the usual
@@ -148,6 +157,25 @@ def _ratio(num: float, den: float) -> float:
     return num / den if den != 0 else float("nan")
 
 
+def _output_hook(sae: SparseLinearAutoencoder) -> str | None:
+    return (sae.cfg.get("metadata") or {}).get("hook_name_out")
+
+
+def transcoder_input_hook(saes: Sequence[SparseLinearAutoencoder]) -> str | None:
+    """The input hook shared by transcoders `saes` (None for SAEs). ValueError (one line) for a mix of SAEs and
+    transcoders, transcoders of different input hooks, or a transcoder whose cfg lacks metadata.hook_name_out."""
+    kinds = {bool(getattr(s, "transcoder", False)) for s in saes}
+    if kinds == {False}:
+        return None
+    if len(kinds) > 1:
+        raise ValueError("evaluate_spliced: SAEs and transcoders are spliced at different hooks; evaluate them apart")
+    inputs = {s.cfg.get("hook_name") for s in saes}
+    if len(inputs) != 1 or None in inputs or any(_output_hook(s) is None for s in saes):
+        raise ValueError(f"transcoders need one input hook (cfg hook_name, got {sorted(map(str, inputs))}) and "
+                         "metadata.hook_name_out")
+    return inputs.pop()
+
+
 @torch.inference_mode()
 def evaluate_spliced(
     model,
@@ -165,10 +193,11 @@ def evaluate_spliced(
     Args:
         model: a ``TransformerBridge`` (:func:`saetool.models.load_model`) in eval mode.
         saes: the members to evaluate (any device/dtype; inputs are cast to the SAE's dtype and the reconstruction
-            back to the model's). All must read the same hook.
+            back to the model's). All must read the same hook; transcoders all the same input and output hooks.
         tokens: int ``[n_contexts, ctx]`` held-out token ids (:func:`heldout_contexts`), fed exactly as given.
         mask: bool ``[n_contexts, ctx]``, True at real text tokens (default: all True but position 0).
-        hook_name: hook to splice at (default: the members' ``cfg["hook_name"]``). ``attn.hook_z``-style per-head
+        hook_name: hook to splice at (default: the members' ``cfg["hook_name"]``, a transcoder's output hook
+            ``cfg["metadata"]["hook_name_out"]``; see the module docstring). ``attn.hook_z``-style per-head
             hooks ``[b, pos, heads, d_head]`` are flattened heads-major for the SAE and reshaped back.
         batch_size: contexts per forward (per variant).
         mean: float ``[d]`` activation mean for mean ablation (default: :func:`mean_activation` over the kept
@@ -189,12 +218,13 @@ def evaluate_spliced(
     saes = list(saes)
     if not saes:
         raise ValueError("evaluate_spliced needs at least one SAE")
+    input_hook = transcoder_input_hook(saes)
     if hook_name is None:
-        names = {s.cfg.get("hook_name") for s in saes}
+        names = {s.cfg.get("hook_name") if input_hook is None else _output_hook(s) for s in saes}
         if len(names) != 1 or None in names:
             raise ValueError(f"pass hook_name: the SAEs name the hooks {sorted(map(str, names))}")
         hook_name = names.pop()
-    validate_hook_names(model, [hook_name])
+    validate_hook_names(model, [hook_name] if input_hook is None else [input_hook, hook_name])
     if tokens.dim() != 2 or tokens.is_floating_point():
         raise ValueError(f"tokens must be an integer tensor [n_contexts, ctx], got {tuple(tokens.shape)}")
     if mask is None:
@@ -214,18 +244,24 @@ def evaluate_spliced(
         mean = mean_activation(model, hook_name, tokens, mask, batch_size)
     d = int(mean.shape[-1])
     for s in saes:
-        if s.d_in != d:
-            raise ValueError(f"{s!r} has d_in {s.d_in} but {hook_name} has width {d}")
+        if s.d_out != d:
+            raise ValueError(f"{s!r} has d_{'out' if input_hook else 'in'} {s.d_out} but {hook_name} has width {d}")
+    captured: list[Tensor] = []  # a transcoder's input activation of the current forward
 
     # Variant 0 is clean (no hook); then zero, mean, and one per SAE.
-    def replacement(v: int, x: Tensor) -> Tensor:
-        """x [b, pos, d] -> what variant v puts at the kept positions (same dtype/device as x)."""
+    def replacement(v: int, x: Tensor, x_in: Tensor) -> Tensor:
+        """x [b, pos, d] (x_in: the input hook's rows of the same contexts, x itself for an SAE) -> what variant v
+        puts at the kept positions (same dtype/device as x)."""
         if v == 1:
             return torch.zeros_like(x)
         if v == 2:
             return mean.to(device=x.device, dtype=x.dtype).expand_as(x)
         sae = saes[v - 3]
-        return sae(x.to(sae.W_enc.device)).to(device=x.device, dtype=x.dtype)
+        return sae(x_in.to(sae.W_enc.device)).to(device=x.device, dtype=x.dtype)
+
+    def capture(act: Tensor, hook=None) -> Tensor:
+        captured[:] = [_flat(act)]
+        return act
 
     n_variants = 3 + len(saes)
     acc = _Accumulator(n_variants)
@@ -249,10 +285,13 @@ def evaluate_spliced(
 
             def hook(act: Tensor, hook=None, variants=variants, splice_at=splice_at, b=b) -> Tensor:
                 flat = _flat(act)
-                new = torch.cat([replacement(v, flat[j * b:(j + 1) * b]) for j, v in enumerate(variants)])
+                x_in = captured[0] if input_hook is not None else flat
+                new = torch.cat([replacement(v, flat[j * b:(j + 1) * b], x_in[j * b:(j + 1) * b])
+                                 for j, v in enumerate(variants)])
                 return torch.where(splice_at, new, flat).reshape(act.shape)
 
-            logits = model.run_with_hooks(tok.repeat(g, 1), fwd_hooks=[(hook_name, hook)], return_type="logits")
+            hooks = [(hook_name, hook)] if input_hook is None else [(input_hook, capture), (hook_name, hook)]
+            logits = model.run_with_hooks(tok.repeat(g, 1), fwd_hooks=hooks, return_type="logits")
             forwards += 1
             for j, v in enumerate(variants):
                 acc.add(v, logits[j * b:(j + 1) * b], targets, keep, clean_lp)

@@ -15,6 +15,11 @@ For member m (shapes without the member axis; x [B, d_in], n = global batch size
     dW_enc  = x^T g_pre - b_dec^T (sum_rows g_pre)                   db_enc = sum_rows g_pre
     tied (W_enc = W_dec^T): dW_dec += dW_enc^T
 
+Transcoders (x = x_in [B, d_in], target y = x_out [B, D = d_out], input not centred, optional W_skip [D, d_in]):
+    pre = x W_enc + b_enc     x_hat = f W_dec + b_dec + x W_skip^T     loss as above with y in place of x
+    db_dec = sum_rows g_xhat  dW_enc = x^T g_pre   dW_skip = g_xhat^T x  (no b_dec terms in the encoder)
+so one more matmul pair per member for the skip term (2 B D d_in FLOPs each way).
+
 This is exactly the gradient autograd computes (tested against it and against separately trained
 plain-PyTorch SAEs), with three savings: (1) b_dec is folded into the encoder bias, so no gradient w.r.t. the
 centred input is formed: five matmuls per member (10 B D d_sae FLOPs) instead of six; (2) members are
@@ -50,13 +55,15 @@ FUSED_ARCHITECTURES = ("standard", "topk")
 
 @torch.no_grad()
 def fused_loss_and_grads(ensemble: SAEEnsemble, x: torch.Tensor, n_total: int, group_size: int,
-                         grad_scale: float = 1.0, compute_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+                         grad_scale: float = 1.0, compute_dtype: torch.dtype | None = None,
+                         target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Write every member's gradient into the parameters' `.grad` and return the batch statistics.
 
     x: this process's rows [rows, d_in] (float32, or the ensemble's dtype); n_total: the global batch size the
     losses are normalised by (see SAEEnsemble.losses); group_size: members per batched matmul.
     compute_dtype: None (the parameters' dtype throughout) or torch.bfloat16: the five big matmuls take bf16
     operands (see the module docstring); gradients, statistics and parameters stay in the parameters' dtype.
+    target: a transcoder's x_out rows [rows, d_out] (x is then x_in); None for an SAE.
     Returns {"loss", "mse", "sparsity", "l0"} each [n_members] (normalised by n_total) and "fired" [n_members,
     d_sae], as loss_and_stats.
     Raises ValueError for architectures without a fused kernel, or AuxK (use the autograd path).
@@ -66,28 +73,31 @@ def fused_loss_and_grads(ensemble: SAEEnsemble, x: torch.Tensor, n_total: int, g
     if ensemble.auxk_coefficient:
         raise ValueError("the fused kernel has no AuxK; use the autograd path")
     W_enc, W_dec, b_enc, b_dec = ensemble.W_enc, ensemble.W_dec, ensemble.b_enc, ensemble.b_dec
+    W_skip, tc = ensemble.W_skip, ensemble.transcoder
     params = [W_dec, b_enc, b_dec] + ([] if ensemble.tied else [ensemble.W_enc_param])
+    params += [] if W_skip is None else [W_skip]
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     gW_dec, gb_enc, gb_dec = W_dec.grad, b_enc.grad, b_dec.grad
     gW_enc = None if ensemble.tied else ensemble.W_enc_param.grad
-    N, d = ensemble.n_members, ensemble.d_in
+    N, d = ensemble.n_members, ensemble.d_out
+    y = x if target is None else target
     hp = ensemble.hp()
     l1 = hp.get("l1_coefficient")
     stats = {k: x.new_zeros(N, dtype=torch.float32) for k in ("mse", "sparsity", "l0")}
     fired = torch.zeros(N, ensemble.d_sae, dtype=torch.bool, device=x.device)
     low = compute_dtype is not None and compute_dtype != W_dec.dtype
     if low:
-        x = x.to(W_dec.dtype)                                                                # the fp32 target
+        x, y = x.to(W_dec.dtype), y.to(W_dec.dtype)                                          # the fp32 target
         x_lo = x.to(compute_dtype)                                                           # once per call
         xt = x_lo.t()
     else:
-        xt = x.t()
+        x_lo, xt = x, x.t()
     for g0 in range(0, N, group_size):
         g = slice(g0, min(N, g0 + group_size))
         We, Wd, bd = W_enc[g], W_dec[g], b_dec[g]
-        bias = b_enc[g] - torch.bmm(bd.unsqueeze(1), We).squeeze(1)                       # [G, S]
+        bias = b_enc[g] if tc else b_enc[g] - torch.bmm(bd.unsqueeze(1), We).squeeze(1)    # [G, S]
         group_hp = {k: v[g] for k, v in hp.items() if torch.is_tensor(v)}
         if "k" in group_hp:
             group_hp["k_max"] = max(ensemble.hyperparams["k"][g])
@@ -97,12 +107,18 @@ def fused_loss_and_grads(ensemble: SAEEnsemble, x: torch.Tensor, n_total: int, g
             pre = torch.matmul(x_lo, We_lo).add_(bias.to(compute_dtype).unsqueeze(1))       # bf16 [G, B, S]
             f = ensemble.arch.activation(pre, group_hp)                                      # bf16
             del pre
-            e = torch.bmm(f, Wd_lo).float().add_(bd.unsqueeze(1)).sub_(x)                    # fp32 [G, B, D]
+            e = torch.bmm(f, Wd_lo).float().add_(bd.unsqueeze(1))                           # fp32 [G, B, D]
+            if W_skip is not None:
+                e.add_(torch.matmul(x_lo, W_skip[g].to(compute_dtype).transpose(1, 2)).float())
+            e.sub_(y)
         else:
             pre = torch.matmul(x, We).add_(bias.unsqueeze(1))                               # [G, B, S]
             f = ensemble.arch.activation(pre, group_hp)
             del pre
-            e = torch.baddbmm(bd.unsqueeze(1), f, Wd).sub_(x)                              # x_hat - x [G, B, D]
+            e = torch.baddbmm(bd.unsqueeze(1), f, Wd)                                      # x_hat [G, B, D]
+            if W_skip is not None:
+                e.add_(torch.matmul(x, W_skip[g].transpose(1, 2)))
+            e.sub_(y)                                                                      # x_hat - y
         stats["mse"][g] = e.pow(2).sum((1, 2)) / (n_total * d)
         active = f > 0
         stats["l0"][g] = active.sum((1, 2)).float() / n_total
@@ -132,10 +148,17 @@ def fused_loss_and_grads(ensemble: SAEEnsemble, x: torch.Tensor, n_total: int, g
         g_pre.mul_(active)
         del active
         s = g_pre.sum(1, dtype=Wd.dtype)                                                     # [G, S]
-        dW_enc = torch.matmul(xt, g_pre).to(Wd.dtype).sub_(bd.unsqueeze(2) * s.unsqueeze(1))  # [G, D, S]
+        dW_enc = torch.matmul(xt, g_pre).to(Wd.dtype)                                        # [G, d_in, S]
         del g_pre
         gb_enc[g] = s
-        gb_dec[g] = g_xhat.sum(1) - torch.bmm(s.unsqueeze(1), We.transpose(1, 2)).squeeze(1)
+        if tc:
+            gb_dec[g] = g_xhat.sum(1)
+        else:
+            dW_enc.sub_(bd.unsqueeze(2) * s.unsqueeze(1))
+            gb_dec[g] = g_xhat.sum(1) - torch.bmm(s.unsqueeze(1), We.transpose(1, 2)).squeeze(1)
+        if W_skip is not None:  # dW_skip = g_xhat^T x [G, D, d_in]
+            g_lo = g_xhat.to(compute_dtype) if low else g_xhat
+            W_skip.grad[g] = torch.matmul(g_lo.transpose(1, 2), x_lo).to(Wd.dtype)
         if gW_enc is None:
             gW_dec[g] += dW_enc.transpose(1, 2)
         else:

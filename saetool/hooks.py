@@ -15,9 +15,13 @@ import torch
 
 # alias -> hook suffix under blocks.{L}. Note: in the original tool "attn" silently recorded the
 # residual stream (resid_post); here it means the attention block's output, hook_attn_out.
+# "mlpin" is the MLP's input (a transcoder's input; "mlpout" its target): mlp.hook_in, which equals ln2.hook_out on
+# TransformerBridge. ln2.hook_normalized is NOT the MLP's input there: on the embedded SmolLM2 (RMSNorm) it is taken
+# before the norm's weight (norm 53.7 vs 6.6 at blocks.1 on one context), unlike HookedTransformer's.
 LOCATION_ALIASES = {
     "residual": "hook_resid_post",
     "mlp": "mlp.hook_post",
+    "mlpin": "mlp.hook_in",
     "mlpout": "hook_mlp_out",
     "attn_concat": "attn.hook_z",
     "attn": "hook_attn_out",
@@ -76,6 +80,7 @@ def resolve_hook_names(locations: str | list[str], layers: int | list[int] | Non
             containing ``hook_``, e.g. ``blocks.2.hook_resid_post``, kept as is and not combined with
             ``layers``) or an alias of :data:`LOCATION_ALIASES`:
             ``residual`` -> ``hook_resid_post``, ``mlp`` -> ``mlp.hook_post`` (MLP hidden activations),
+            ``mlpin`` -> ``mlp.hook_in`` (the MLP's input, a transcoder's input),
             ``mlpout`` -> ``hook_mlp_out``, ``attn_concat`` -> ``attn.hook_z`` (per-head outputs before
             W_O), ``attn`` -> ``hook_attn_out`` (attention output; the original tool's ``attn`` meant
             resid_post).

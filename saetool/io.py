@@ -107,7 +107,7 @@ def saelens_fields(cfg: dict, weights: dict[str, torch.Tensor], cfg_path: str | 
             refuse(field, "expected true or false")
     if isinstance(cfg.get("dtype"), str):
         cfg["dtype"] = cfg["dtype"].removeprefix("torch.")
-    if cfg["architecture"] == "jumprelu" and "threshold" in weights:
+    if cfg["architecture"] in ("jumprelu", "jumprelu_transcoder", "jumprelu_skip_transcoder") and "threshold" in weights:
         weights["threshold"] = weights["threshold"].clamp_min(0)
     if "scaling_factor" in weights and bool((weights["scaling_factor"] == 1).all()):
         del weights["scaling_factor"]

@@ -15,7 +15,7 @@ batches to a CUDA device from pinned memory on a side stream, ahead of the step.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -25,11 +25,13 @@ from saetool.store import ActivationStore
 
 
 class BatchLoader:
-    """Iterate training batches of one hook of an `ActivationStore`.
+    """Iterate training batches of one hook, or of several hooks of the same rows, of an `ActivationStore`.
 
     Args:
         store: an opened, complete store.
-        hook_name: the array to read (its width is d_in).
+        hook_name: the array to read (its width is d_in), or a sequence of arrays: each batch then holds the same rows
+            of every one, their columns side by side ([batch, sum of widths], in the order given; `widths` gives
+            the split), read in one pass (a transcoder's input and target, every hook of a sweep).
         batch_size: rows per batch.
         row_range: [start, stop) rows of the store to use (e.g. the training split).
         seed: the base seed; epoch e uses numpy Generator seeded with (seed, e).
@@ -44,12 +46,15 @@ class BatchLoader:
     Raises ValueError for batch_size < 1 or a range without usable rows.
     """
 
-    def __init__(self, store: ActivationStore, hook_name: str, batch_size: int, row_range: tuple[int, int] | None = None,
+    def __init__(self, store: ActivationStore, hook_name: str | Sequence[str], batch_size: int,
+                 row_range: tuple[int, int] | None = None,
                  seed: int = 0, shuffle_chunks: int = 4, use_mask: bool = True, num_threads: int = 2,
                  prefetch: int = 2):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.store, self.hook_name, self.batch_size = store, hook_name, batch_size
+        self.hooks = (hook_name,) if isinstance(hook_name, str) else tuple(hook_name)
+        self.widths = [store.width(h) for h in self.hooks]
         self.seed, self.shuffle_chunks, self.use_mask = seed, max(1, shuffle_chunks), use_mask
         self.num_threads, self.prefetch = max(1, num_threads), max(1, prefetch)
         start, stop = row_range if row_range is not None else (0, store.spec.n_rows)
@@ -69,9 +74,10 @@ class BatchLoader:
         return self.store.read_mask(a, b) if self.use_mask else np.ones(b - a, dtype=bool)
 
     def _read(self, seg: tuple[int, int]) -> tuple[torch.Tensor, np.ndarray]:
-        """All rows of one segment [b - a, d_in] in the store dtype, and the positions of its usable rows."""
-        x = self.store.read_rows(self.hook_name, *seg, dtype=self.store_dtype)
-        return x, np.flatnonzero(self._mask(*seg))
+        """All rows of one segment [b - a, sum of widths] in the store dtype (every hook's columns side by side),
+        and the positions of its usable rows."""
+        parts = [self.store.read_rows(h, *seg, dtype=self.store_dtype) for h in self.hooks]
+        return (parts[0] if len(parts) == 1 else torch.cat(parts, 1)), np.flatnonzero(self._mask(*seg))
 
     @staticmethod
     def _pool(carry: torch.Tensor, parts: list[tuple[torch.Tensor, np.ndarray]], perm: np.ndarray) -> torch.Tensor:
@@ -138,7 +144,7 @@ class BatchLoader:
     def _read_carry(self, index: np.ndarray, ex: ThreadPoolExecutor) -> torch.Tensor:
         """The carried rows `index` (see _skip), in that order; reads only the segments they come from."""
         if len(index) == 0:
-            return torch.empty(0, self.store.width(self.hook_name), dtype=self.store_dtype)
+            return torch.empty(0, sum(self.widths), dtype=self.store_dtype)
         needed = sorted(set(index[:, 0].tolist()))
         parts = [x[torch.from_numpy(keep)] for x, keep in ex.map(lambda s: self._read(self.segments[s]), needed)]
         offsets = dict(zip(needed, np.cumsum([0] + [len(x) for x in parts[:-1]])))

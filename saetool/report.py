@@ -114,8 +114,11 @@ def pareto_front(x, y) -> list[bool]:
 
 
 @torch.no_grad()
-def _heldout_stats(saes, store, hook: str, rows: tuple[int, int], device: str, batch_rows: int = 2048) -> list[dict]:
-    stats = [ReconstructionStats(1, s.d_in, s.d_sae, device=device) for s in saes]
+def _heldout_stats(saes, store, hook: str, rows: tuple[int, int], device: str, batch_rows: int = 2048,
+                   target: str | None = None) -> list[dict]:
+    """Reconstruction statistics of every member on the held-out rows; transcoders (target: their output hook)
+    are scored on their prediction of the target rows."""
+    stats = [ReconstructionStats(1, s.d_out, s.d_sae, device=device) for s in saes]
     mask = store.read_mask(*rows)
     for start in range(rows[0], rows[1], batch_rows):
         stop = min(start + batch_rows, rows[1])
@@ -123,9 +126,10 @@ def _heldout_stats(saes, store, hook: str, rows: tuple[int, int], device: str, b
         if not keep.any():
             continue
         x = store.read_rows(hook, start, stop, torch.float32)[keep].to(device)
+        y = x if target is None else store.read_rows(target, start, stop, torch.float32)[keep].to(device)
         for s, st in zip(saes, stats):
             f = s.encode(x)
-            st.update(x, s.decode(f).to(x.dtype)[None], f[None])
+            st.update(y, (s.decode(f) if target is None else s(x)).to(x.dtype)[None], f[None])
     return [st.compute() if st.n_tokens else None for st in stats]
 
 
@@ -170,6 +174,7 @@ def evaluate_sweep(cfg: ReportConfig, model=None, log=print) -> dict:
     entries = index["members"]
     saes = [load_sae(out_dir / e["path"], device=cfg.device, dtype="float32") for e in entries]
     hook = saes[0].cfg.get("hook_name") or index.get("store", {}).get("hook_name")
+    target = (saes[0].cfg.get("metadata") or {}).get("hook_name_out") if saes[0].transcoder else None
     eval_tokens = int(index.get("config", {}).get("eval_tokens", 0) or 0)
     store_path = cfg.dataset_dir or index.get("store", {}).get("path")
     store = ActivationStore.open(store_path) if store_path else None
@@ -180,7 +185,7 @@ def evaluate_sweep(cfg: ReportConfig, model=None, log=print) -> dict:
     if store is not None and eval_tokens > 0:
         n = store.spec.n_rows
         rows = (n - eval_tokens, n)
-        heldout = _heldout_stats(saes, store, hook, rows, cfg.device)
+        heldout = _heldout_stats(saes, store, hook, rows, cfg.device, target=target)
     spliced = [None] * len(saes)
     baselines = None
     n_contexts = 0
@@ -194,9 +199,10 @@ def evaluate_sweep(cfg: ReportConfig, model=None, log=print) -> dict:
             # (no extra model pass).
             c = store.spec.context_size
             first = -(-(store.spec.n_rows - eval_tokens) // c)
-            x = store.read_rows(hook, first * c, (first + n_contexts) * c, torch.float64)
+            x = store.read_rows(target or hook, first * c, (first + n_contexts) * c, torch.float64)
             mean = x[mask.reshape(-1)].mean(0)
-            spliced = evaluate_spliced(model, saes, tokens, mask, hook_name=hook, batch_size=cfg.batch_size, mean=mean,
+            spliced = evaluate_spliced(model, saes, tokens, mask, hook_name=target or hook, batch_size=cfg.batch_size,
+                                       mean=mean,
                                        variants_per_forward=cfg.variants_per_forward, log=log)
             s0 = spliced[0]
             baselines = {k: s0[k] for k in ("clean_ce", "zero_ablation_ce", "mean_ablation_ce", "zero_ablation_kl",
@@ -226,7 +232,8 @@ def evaluate_sweep(cfg: ReportConfig, model=None, log=print) -> dict:
     spec = store.spec if store is not None else None
     return {
         "sweep": {
-            "output_dir": str(out_dir), "sweep_param": sweep_param, "n_members": len(saes), "hook_name": hook,
+            "output_dir": str(out_dir), "sweep_param": sweep_param, "n_members": len(saes),
+            "hook_name": hook if target is None else f"{hook} -> {target}",
             "d_in": saes[0].d_in, "d_sae": saes[0].d_sae, "architecture": entries[0]["architecture"],
             "store": str(store_path) if store_path else None, "model": spec.model if spec else None,
             "dataset": spec.dataset if spec else None, "heldout_rows": list(rows) if rows else None,

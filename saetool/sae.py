@@ -6,12 +6,15 @@ import torch
 from torch import nn
 
 from saetool.saes import get_architecture, is_generic, weight_shapes
+from saetool.transcoder import SAVED_TRANSCODERS, has_skip, is_transcoder_cfg, saved_architecture
 
 
 def trained_architecture(cfg: dict) -> str:
     """The architecture an SAE was trained as: cfg["metadata"]["saetool_architecture"] when present (a BatchTopK
-    SAE is saved as "jumprelu" for inference, as SAELens does), else cfg["architecture"]."""
-    return (cfg.get("metadata") or {}).get("saetool_architecture", cfg["architecture"])
+    SAE is saved as "jumprelu" for inference, as SAELens does), else the architecture that reads a transcoder
+    saved by another tool (SAELens' "jumprelu_transcoder" -> "jumprelu"), else cfg["architecture"]."""
+    saved = cfg["architecture"]
+    return (cfg.get("metadata") or {}).get("saetool_architecture", SAVED_TRANSCODERS.get(saved, saved))
 
 
 class SparseLinearAutoencoder(nn.Module):
@@ -29,13 +32,24 @@ class SparseLinearAutoencoder(nn.Module):
     saes/topk_sae.py): `apply_b_dec_to_input` false encodes x, not x - b_dec; topk `rescale_acts_by_decoder_norm`
     true takes the top k of pre * n and decodes (f / n) W_dec + b_dec, n [d_sae] = ||W_dec[i]||. Both default
     to saetool's own form (true, false).
+
+    A transcoder (cfg architecture one of saetool.transcoder.SAVED_TRANSCODERS, e.g. SAELens' "transcoder" or
+    "jumprelu_skip_transcoder") has d_out: W_dec [d_sae, d_out], b_dec [d_out], a skip transcoder also W_skip
+    [d_out, d_in]; apply_b_dec_to_input must be false (as SAELens requires). forward(x_in) is then the prediction
+    of the output hook, f W_dec + b_dec + x_in W_skip^T, as SAELens' (Skip)Transcoder.forward.
     """
 
     def __init__(self, weights: dict[str, torch.Tensor], cfg: dict):
         super().__init__()
         self.cfg = dict(cfg)
         self.arch = get_architecture(trained_architecture(cfg))
+        self.transcoder, skip = is_transcoder_cfg(cfg), has_skip(cfg)
         saved_as = getattr(self.arch, "INFERENCE_ARCHITECTURE", self.arch.NAME)
+        if self.transcoder:
+            saved_as = saved_architecture(self.arch.NAME, skip)
+            if cfg.get("apply_b_dec_to_input", False):
+                raise ValueError(f"a transcoder ({cfg['architecture']}) needs apply_b_dec_to_input false (its b_dec "
+                                 "is in the output space)")
         if cfg["architecture"] != saved_as:
             raise ValueError(f"a {self.arch.NAME} SAE is saved as architecture {saved_as!r}, cfg says "
                              f"{cfg['architecture']!r}")
@@ -43,7 +57,8 @@ class SparseLinearAutoencoder(nn.Module):
             raise ValueError(f"normalize_activations={cfg['normalize_activations']!r}: saetool folds the scale "
                              "into the weights at save; an unfolded checkpoint is not supported")
         d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
-        expected = weight_shapes(self.arch, d_in, d_sae)
+        d_out = int(cfg["d_out"]) if self.transcoder else None
+        expected = weight_shapes(self.arch, d_in, d_sae, d_out) | ({"W_skip": (d_out, d_in)} if skip else {})
         if set(weights) != set(expected):
             raise ValueError(f"SAE weights must have exactly {sorted(expected)}, got {sorted(weights)}")
         for name, shape in expected.items():
@@ -51,7 +66,7 @@ class SparseLinearAutoencoder(nn.Module):
                 raise ValueError(f"{name} has shape {tuple(weights[name].shape)}, expected {shape} from cfg")
             setattr(self, name, nn.Parameter(weights[name], requires_grad=False))
         self.weight_names = tuple(expected)
-        self.apply_b_dec_to_input = bool(cfg.get("apply_b_dec_to_input", True))
+        self.apply_b_dec_to_input = bool(cfg.get("apply_b_dec_to_input", not self.transcoder))
         self.rescale_acts_by_decoder_norm = self.arch.NAME == "topk" and bool(cfg.get("rescale_acts_by_decoder_norm"))
         if not is_generic(self.arch):
             missing = [h for h in self.arch.HYPERPARAMS if h not in cfg]
@@ -69,6 +84,11 @@ class SparseLinearAutoencoder(nn.Module):
     def d_sae(self) -> int:
         return self.W_enc.shape[1]
 
+    @property
+    def d_out(self) -> int:
+        """The width of the reconstruction: d_in for an SAE, the output hook's for a transcoder."""
+        return self.W_dec.shape[1]
+
     def weights(self) -> dict[str, torch.Tensor]:
         """{name: tensor} of every saved tensor."""
         return {name: getattr(self, name) for name in self.weight_names}
@@ -77,9 +97,7 @@ class SparseLinearAutoencoder(nn.Module):
         """x [..., d_in] -> latents f [..., d_sae] (computed in the SAE's dtype)."""
         x = x.to(self.W_enc.dtype)
         if is_generic(self.arch):
-            w = self.weights()
-            if not self.apply_b_dec_to_input:  # the architectures use b_dec in encode only to centre x
-                w["b_dec"] = torch.zeros_like(w["b_dec"])
+            w = {**self.weights(), "apply_b_dec_to_input": self.apply_b_dec_to_input}  # saetool.saes._common.center
             return self.arch.encode(w, x, self._hp, training=False)[0]
         pre = ((x - self.b_dec) if self.apply_b_dec_to_input else x) @ self.W_enc + self.b_enc
         if self.rescale_acts_by_decoder_norm:
@@ -87,16 +105,21 @@ class SparseLinearAutoencoder(nn.Module):
         return self.arch.activation(pre, self._hp)
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
-        """f [..., d_sae] -> x_hat [..., d_in]."""
+        """f [..., d_sae] -> x_hat [..., d_out] (a skip transcoder's skip term is added by forward)."""
         f = f.to(self.W_dec.dtype)
         if self.rescale_acts_by_decoder_norm:
             f = f * (1 / self.W_dec.norm(dim=-1))
         return f @ self.W_dec + self.b_dec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The reconstruction x_hat [..., d_in] (the original's `predict`)."""
-        return self.decode(self.encode(x))
+        """The reconstruction x_hat [..., d_out] (the original's `predict`; a transcoder's prediction of its output
+        hook from its input x, skip term included)."""
+        x_hat = self.decode(self.encode(x))
+        if "W_skip" in self.weight_names:
+            x_hat = x_hat + x.to(self.W_skip.dtype) @ self.W_skip.T
+        return x_hat
 
     def __repr__(self) -> str:
         hp = ", ".join(f"{h}={self.cfg[h]}" for h in self.arch.HYPERPARAMS if h in self.cfg)
-        return f"SparseLinearAutoencoder({self.arch.NAME}, d_in={self.d_in}, d_sae={self.d_sae}, {hp})"
+        out = f", d_out={self.d_out}" if self.transcoder else ""
+        return f"SparseLinearAutoencoder({self.arch.NAME}, d_in={self.d_in}, d_sae={self.d_sae}{out}, {hp})"

@@ -30,7 +30,7 @@ from saetool.distributed import Dist
 from saetool.io import INDEX_FILE, write_json
 from saetool.lock import writer_lock
 from saetool.train.checkpoint import fingerprint
-from saetool.train.loop import describe, train
+from saetool.train.loop import Trained, describe, train
 from saetool.train.outputs import evaluate, frontier_table, metrics_table, save_sweep
 from saetool.train.setup import SweepRun, setup_run
 from saetool.train.step import choose_step
@@ -48,6 +48,8 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict | None:
     with writer_lock(cfg.output_dir, "output_dir", Dist.current()):
         if cfg.ensembles:
             return run_ensembles(cfg, log)
+        if several_hooks(cfg):
+            return run_hooks(cfg, log)
         return _train_and_save(cfg, log)
 
 
@@ -57,10 +59,16 @@ def _train_and_save(cfg: SweepConfig, log) -> dict | None:
     step = choose_step(cfg, run.ensemble, run.optimizer, run.dist, run.data_parallel, run.total_steps,
                        precision=state.get("precision") if state else None)
     log(describe(run, step))
-    trained = train(run, step, state, log)
+    return finish_run(run, train(run, step, state, log), log)
+
+
+def finish_run(run: SweepRun, trained: Trained, log) -> dict | None:
+    """After training: held-out evaluation, the saved sweep folder, metrics.md, the report; the index (rank 0)."""
+    cfg = run.cfg
     metrics = None
     if run.eval_rows and (run.by_members or run.dist.is_main):
-        metrics = evaluate(run.ensemble, run.store, run.hook, run.eval_rows, cfg.batch_size, cfg.device, run.scale)
+        metrics = evaluate(run.ensemble, run.store, run.hook, run.eval_rows, cfg.batch_size, cfg.device, run.scale,
+                           run.target)
     try:
         index = save_sweep(run, run.out, metrics, trained.summary)
     except OSError as e:
@@ -77,6 +85,19 @@ def _train_and_save(cfg: SweepConfig, log) -> dict | None:
     if cfg.report and metrics is not None:
         _report(run, log)
     return index
+
+
+def several_hooks(cfg: SweepConfig) -> bool:
+    """True when --hook_name is "all" or a list of hooks (saetool.multihook)."""
+    return cfg.hook_name is not None and (cfg.hook_name == "all" or "," in cfg.hook_name)
+
+
+def run_hooks(cfg: SweepConfig, log=print) -> dict | None:
+    """--hook_name all / a list: one ensemble per hook (or input/target pair) on the same row batches
+    (saetool.multihook.run_multi_hook)."""
+    from saetool.multihook import run_multi_hook
+
+    return run_multi_hook(cfg, log)
 
 
 def _load_checkpoint(run: SweepRun, log) -> dict | None:

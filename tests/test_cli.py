@@ -125,7 +125,7 @@ def test_ctrl_c_is_one_line_with_the_resume_hint(monkeypatch, capsys):
 OFF_DEFAULT = {"l1_values": [1e-3], "l1_value_min": -3.0, "l1_value_max": -1.0, "l1_value_n": 4, "l1_warmup_steps": 5,
                "k_values": [8], "auxk_coefficient": 0.03, "threshold_lr": 0.05, "matryoshka_widths": [4, 8],
                "l0_values": [1e-3], "jumprelu_bandwidth": 0.01, "jumprelu_init_threshold": 0.1, "decoder_norm_l1": True,
-               "tied": True, "resample_every": 10}
+               "tied": True, "resample_every": 10, "target_hook": "blocks.0.hook_mlp_out"}
 
 
 def test_every_flag_is_refused_on_each_architecture_it_cannot_act_on():
@@ -144,7 +144,7 @@ def test_every_flag_is_refused_on_each_architecture_it_cannot_act_on():
                 build(SweepConfig, kwargs)
             assert str(e.value) == f"--{flag} applies to {_names(acts_on)} only, not --architecture {arch}"
             refused += 1
-    assert refused == 61
+    assert refused == 62
     assert _names(("standard",)) == "standard" and _names(("a", "b", "c")) == "a, b and c"
 
 

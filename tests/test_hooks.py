@@ -28,6 +28,7 @@ def test_aliases_expand_per_layer_location_major():
         "blocks.2.mlp.hook_post",
     ]
     assert resolve_hook_names("mlpout", 1) == ["blocks.1.hook_mlp_out"]
+    assert resolve_hook_names("mlpin,mlpout", 1) == ["blocks.1.mlp.hook_in", "blocks.1.hook_mlp_out"]
     assert resolve_hook_names("attn_concat", 1) == ["blocks.1.attn.hook_z"]
 
 
@@ -145,6 +146,7 @@ def test_hook_widths(tiny_model):
     assert hook_widths(tiny_model, names) == {
         "blocks.1.hook_resid_post": cfg.d_model,
         "blocks.1.mlp.hook_post": cfg.d_mlp,
+        "blocks.1.mlp.hook_in": cfg.d_model,
         "blocks.1.hook_mlp_out": cfg.d_model,
         "blocks.1.attn.hook_z": cfg.n_heads * cfg.d_head,
         "blocks.1.hook_attn_out": cfg.d_model,
@@ -216,3 +218,20 @@ def test_a_bare_hook_name_string_is_one_name_everywhere(tiny_model):
     assert hook_widths(tiny_model, name) == {name: 32}
     assert stop_at_layer("blocks.1.hook_resid_post") == 2
     assert resolve_hook_names("blocks.0.hook_resid_post") == [name]
+
+
+def test_mlpin_is_the_input_of_the_hf_mlp_module(tiny_model, tiny_model_dir):
+    # the alias a transcoder reads must be exactly what the MLP computes from: the HF module's input (and mlpout its
+    # output), captured here with a plain PyTorch forward hook on the Hugging Face model
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    seen = {}
+    handle = hf.model.layers[1].mlp.register_forward_hook(lambda m, args, out: seen.update(x=args[0], y=out))
+    tokens = _tokens()
+    with torch.no_grad():
+        hf(tokens)
+    handle.remove()
+    acts = record_activations(tiny_model, tokens, resolve_hook_names("mlpin,mlpout", 1))
+    torch.testing.assert_close(acts["blocks.1.mlp.hook_in"], seen["x"].reshape(-1, 32), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(acts["blocks.1.hook_mlp_out"], seen["y"].reshape(-1, 32), atol=1e-5, rtol=1e-5)

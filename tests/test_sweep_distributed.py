@@ -181,3 +181,21 @@ def test_data_parallel_recipes_equal_one_process(store, tmp_path, recipe, n_proc
     assert_same_saes(tmp_path / "many", tmp_path / "one", atol=1e-5)
     for a, b in zip(one["members"], many["members"], strict=True):
         assert math.isfinite(a["metrics"]["fvu"]) and b["metrics"]["fvu"] == pytest.approx(a["metrics"]["fvu"], abs=1e-5)
+
+
+@pytest.mark.parametrize("kernel", ["fused", "autograd"])
+def test_data_parallel_skip_transcoders_equal_one_process(tmp_path, kernel):
+    # each rank gets its rows of [x_in | x_out] and splits the columns; gradients (W_skip included) sum over ranks
+    x = data(n=600, d=6, seed=1)
+    y = torch.tanh(x @ torch.randn(6, 4, generator=torch.Generator().manual_seed(2)))
+    path = tmp_path / "pair.zarr"
+    write_store(path, {"blocks.0.mlp.hook_in": x, "blocks.0.hook_mlp_out": y}, context_size=4, chunk_size=40)
+    pair = {"hook_name": "blocks.0.mlp.hook_in", "target_hook": "blocks.0.hook_mlp_out", "skip_connection": True,
+            "kernel": kernel}
+    single(path, tmp_path / "one", **pair)
+    launch(2, flags(path, tmp_path / "two", parallel="data", **pair))
+    assert read_index(tmp_path / "two")["training"]["world_size"] == 2
+    assert_same_saes(tmp_path / "two", tmp_path / "one", atol=1e-5)
+    for a, b in zip(load_sweep(tmp_path / "two").values(), load_sweep(tmp_path / "one").values()):
+        assert a.W_skip.abs().sum() > 0
+        torch.testing.assert_close(a.W_skip, b.W_skip, atol=1e-5, rtol=0)

@@ -7,13 +7,14 @@ standard and topk (the fused-kernel architectures) give `activation(pre, hp)` an
 the affine encoder pre = (x - b_dec) W_enc + b_enc. The others give the generic interface (the weights `w` in
 either layout of saetool.saes._common, named as saved):
 
-    WEIGHTS                      {saved tensor name: shape in ("d_in", "d_sae")}  (SAELens layout)
+    WEIGHTS                      {saved tensor name: shape in ("d_in", "d_sae", "d_out")}  (SAELens layout)
     INFERENCE_ARCHITECTURE       the cfg.json "architecture" it is saved as ("jumprelu" for batchtopk)
     HYPERPARAM_DEFAULTS          values for hyperparameters a sweep may omit (JumpReLU's bandwidth)
     init_extra(n, d_in, d_sae, dtype) -> (params, buffers)   extra tensors with a leading member axis
     inference_weights(t) -> w    training tensors (member axis first) -> the saved ones (e.g. exp(log_threshold))
     encode(w, x, hp, training) -> (f, pre)                    latents and the pre-activations the loss needs
-    loss_terms(w, x, x_hat, f, pre, hp) -> {name: [n, batch]} per-token terms ("mse", "sparsity", "aux", ...)
+    loss_terms(w, x, x_hat, f, pre, hp, x_in=None) -> {name: [n, batch]} per-token terms ("mse", "sparsity", ...):
+                                 x the reconstruction target, x_in the encoder's input (a transcoder's; None = x)
     update_buffers(buffers, f, hp)                            optional: non-gradient state after a training forward
     default_options(d_sae), check_options(options, d_sae)     optional: settings shared by the whole ensemble
 """
@@ -26,7 +27,7 @@ from saetool.saes import batchtopk, gated, jumprelu, matryoshka_batchtopk, stand
 
 ARCHITECTURES: dict[str, ModuleType] = {m.NAME: m for m in (standard, topk, batchtopk, jumprelu, gated,
                                                              matryoshka_batchtopk)}
-AFFINE_WEIGHTS = {"W_enc": ("d_in", "d_sae"), "W_dec": ("d_sae", "d_in"), "b_enc": ("d_sae",), "b_dec": ("d_in",)}
+AFFINE_WEIGHTS = {"W_enc": ("d_in", "d_sae"), "W_dec": ("d_sae", "d_out"), "b_enc": ("d_sae",), "b_dec": ("d_out",)}
 
 
 def get_architecture(name: str) -> ModuleType:
@@ -42,9 +43,10 @@ def is_generic(arch: ModuleType) -> bool:
     return hasattr(arch, "encode")
 
 
-def weight_shapes(arch: ModuleType, d_in: int, d_sae: int) -> dict[str, tuple[int, ...]]:
-    """{saved tensor name: shape} of one SAE of this architecture."""
-    sizes = {"d_in": d_in, "d_sae": d_sae}
+def weight_shapes(arch: ModuleType, d_in: int, d_sae: int, d_out: int | None = None) -> dict[str, tuple[int, ...]]:
+    """{saved tensor name: shape} of one SAE of this architecture (d_out: a transcoder's output width; None = d_in).
+    A skip transcoder's W_skip [d_out, d_in] is not among them (saetool.transcoder adds it)."""
+    sizes = {"d_in": d_in, "d_sae": d_sae, "d_out": d_in if d_out is None else d_out}
     return {k: tuple(sizes[s] for s in spec) for k, spec in getattr(arch, "WEIGHTS", AFFINE_WEIGHTS).items()}
 
 

@@ -1,9 +1,11 @@
 """Shared pieces of the architectures: broadcasting helpers, the affine encoder/decoder, the batch top-k.
 
 Weights `w` come in two layouts, and every function here works for both:
-  - a stack of n_members SAEs: W_enc [N, d_in, d_sae], W_dec [N, d_sae, d_in], vectors [N, 1, n] (a singleton
+  - a stack of n_members SAEs: W_enc [N, d_in, d_sae], W_dec [N, d_sae, d_out], vectors [N, 1, n] (a singleton
     row axis so they broadcast against [N, batch, n]); x [batch, d_in]; per-member hyperparameters [N];
-  - one SAE: W_enc [d_in, d_sae], W_dec [d_sae, d_in], vectors [n]; x [..., d_in]; hyperparameters 0-d.
+  - one SAE: W_enc [d_in, d_sae], W_dec [d_sae, d_out], vectors [n]; x [..., d_in]; hyperparameters 0-d.
+d_out = d_in for an SAE. A transcoder (x_in -> x_out) has b_dec [d_out] and w["apply_b_dec_to_input"] = False: its
+encoder reads x_in uncentred (`center`). Its skip term x_in W_skip^T is added by the caller, after `decode`.
 """
 
 from __future__ import annotations
@@ -21,9 +23,16 @@ def per_member(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return value.reshape(value.shape + (1,) * (like.dim() - value.dim()))
 
 
+def input_centre(w: dict) -> torch.Tensor | None:
+    """The vector subtracted from the encoder's input: b_dec for an SAE; None for a transcoder, whose b_dec lives in
+    the output space (w["apply_b_dec_to_input"] is False: SAELens' transcoder convention, which requires it)."""
+    return w["b_dec"] if w.get("apply_b_dec_to_input", True) else None
+
+
 def center(w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """x - b_dec: [N, batch, d_in] for a stack, [..., d_in] for one SAE."""
-    return x - w["b_dec"]
+    """x - b_dec: [N, batch, d_in] for a stack, [..., d_in] for one SAE; x itself for a transcoder."""
+    b = input_centre(w)
+    return x if b is None else x - b
 
 
 def affine_pre(w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -32,7 +41,7 @@ def affine_pre(w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
 
 
 def decode(w: dict[str, torch.Tensor], f: torch.Tensor) -> torch.Tensor:
-    """x_hat = f W_dec + b_dec: [N, batch, d_in] or [..., d_in]."""
+    """x_hat = f W_dec + b_dec: [N, batch, d_out] or [..., d_out]."""
     return f.to(w["W_dec"].dtype) @ w["W_dec"] + w["b_dec"]
 
 

@@ -28,7 +28,7 @@ SWEEP_PARAM = "k"
 HYPERPARAMS = ("k",)
 HYPERPARAM_DEFAULTS: dict = {}
 INFERENCE_ARCHITECTURE = "jumprelu"
-WEIGHTS = {"W_enc": ("d_in", "d_sae"), "W_dec": ("d_sae", "d_in"), "b_enc": ("d_sae",), "b_dec": ("d_in",),
+WEIGHTS = {"W_enc": ("d_in", "d_sae"), "W_dec": ("d_sae", "d_out"), "b_enc": ("d_sae",), "b_dec": ("d_out",),
            "threshold": ("d_sae",)}
 THRESHOLD_LR = 0.01
 
@@ -66,7 +66,7 @@ def encode(w: dict[str, torch.Tensor], x: torch.Tensor, hp: dict[str, torch.Tens
 
 
 def loss_terms(w: dict[str, torch.Tensor], x: torch.Tensor, x_hat: torch.Tensor, f: torch.Tensor, pre: torch.Tensor,
-               hp: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+               hp: dict[str, torch.Tensor], x_in: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Per-token terms [N, batch]: mse only (sparsity is fixed by k)."""
     return {"mse": mse_per_token(x_hat, x)}
 

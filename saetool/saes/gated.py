@@ -28,7 +28,7 @@ SWEEP_PARAM = "l1_coefficient"
 HYPERPARAMS = ("l1_coefficient",)
 HYPERPARAM_DEFAULTS: dict = {}
 INFERENCE_ARCHITECTURE = NAME
-WEIGHTS = {"W_enc": ("d_in", "d_sae"), "W_dec": ("d_sae", "d_in"), "b_dec": ("d_in",), "b_gate": ("d_sae",),
+WEIGHTS = {"W_enc": ("d_in", "d_sae"), "W_dec": ("d_sae", "d_out"), "b_dec": ("d_out",), "b_gate": ("d_sae",),
            "b_mag": ("d_sae",), "r_mag": ("d_sae",)}
 
 
@@ -53,7 +53,7 @@ def encode(w: dict[str, torch.Tensor], x: torch.Tensor, hp: dict[str, torch.Tens
 
 
 def loss_terms(w: dict[str, torch.Tensor], x: torch.Tensor, x_hat: torch.Tensor, f: torch.Tensor, pre: torch.Tensor,
-               hp: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+               hp: dict[str, torch.Tensor], x_in: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Per-token terms [N, batch]: mse, sparsity (L1 of ReLU(pi)), aux (frozen-decoder reconstruction from ReLU(pi))."""
     gate = torch.relu(pre)
     l1 = gate.sum(-1)

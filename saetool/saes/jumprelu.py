@@ -50,7 +50,7 @@ import math
 
 import torch
 
-from saetool.saes._common import affine_pre, decode, global_sum, mse_per_token, per_member
+from saetool.saes._common import affine_pre, decode, global_sum, input_centre, mse_per_token, per_member
 
 NAME = "jumprelu"
 SWEEP_PARAM = "l0_coefficient"
@@ -58,7 +58,7 @@ HYPERPARAMS = ("l0_coefficient", "bandwidth")
 BANDWIDTH = 0.05
 HYPERPARAM_DEFAULTS = {"bandwidth": BANDWIDTH}
 INFERENCE_ARCHITECTURE = NAME
-WEIGHTS = {"W_enc": ("d_in", "d_sae"), "W_dec": ("d_sae", "d_in"), "b_enc": ("d_sae",), "b_dec": ("d_in",),
+WEIGHTS = {"W_enc": ("d_in", "d_sae"), "W_dec": ("d_sae", "d_out"), "b_enc": ("d_sae",), "b_dec": ("d_out",),
            "threshold": ("d_sae",)}
 INIT_THRESHOLD = 0.001
 
@@ -145,11 +145,13 @@ def inference_weights(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def kernel_width(w: dict[str, torch.Tensor], x: torch.Tensor, hp: dict[str, torch.Tensor], like: torch.Tensor
                  ) -> torch.Tensor:
     """eps = bandwidth * sigma_batch, shaped like a hyperparameter against `like`: sigma_batch = the per-element
-    RMS of x - b_dec over the batch (per member for a stack; over the global batch inside
+    RMS of the encoder's input x - b_dec (a transcoder's: x_in itself, saetool.saes._common.center) over the batch (per member for a stack; over the global batch inside
     saetool.saes._common.global_batch), detached, float32. Computed from the sums of x and x^2 (float64), without
     forming x - b_dec for every member."""
     rows = x.detach().reshape(-1, x.shape[-1]).double()
-    b = w["b_dec"].detach().double().reshape(-1, x.shape[-1])                # [N or 1, d_in]
+    b = input_centre(w)
+    b = x.new_zeros(1, x.shape[-1]) if b is None else b                      # a transcoder: x_in uncentred
+    b = b.detach().double().reshape(-1, x.shape[-1])                          # [N or 1, d_in]
     sumsq = rows.pow(2).sum() - 2 * b @ rows.sum(0) + rows.shape[0] * b.pow(2).sum(-1)
     sums = global_sum(torch.cat([sumsq, sumsq.new_tensor([float(rows.numel())])]))
     sigma = (sums[:-1].clamp_min(0) / sums[-1]).sqrt().float()
@@ -168,9 +170,9 @@ def encode(w: dict[str, torch.Tensor], x: torch.Tensor, hp: dict[str, torch.Tens
 
 
 def loss_terms(w: dict[str, torch.Tensor], x: torch.Tensor, x_hat: torch.Tensor, f: torch.Tensor, pre: torch.Tensor,
-               hp: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+               hp: dict[str, torch.Tensor], x_in: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Per-token terms [N, batch]: mse (mean over dims) and sparsity = l0_coefficient * sum_i H(pre_i - theta_i)."""
-    l0 = StepFunction.apply(pre, w["threshold"], kernel_width(w, x, hp, pre)).sum(-1)
+    l0 = StepFunction.apply(pre, w["threshold"], kernel_width(w, x if x_in is None else x_in, hp, pre)).sum(-1)
     return {"mse": mse_per_token(x_hat, x), "sparsity": per_member(hp["l0_coefficient"], l0) * l0}
 
 

@@ -48,7 +48,7 @@ def check_options(options: dict, d_sae: int) -> None:
 
 
 def loss_terms(w: dict[str, torch.Tensor], x: torch.Tensor, x_hat: torch.Tensor, f: torch.Tensor, pre: torch.Tensor,
-               hp: dict) -> dict[str, torch.Tensor]:
+               hp: dict, x_in: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Per-token terms [N, batch]: mse = sum over prefixes g of mean_j (x_hat_g - x)^2 (x_hat_G = x_hat)."""
     total = mse_per_token(x_hat, x)
     for m in hp["matryoshka_widths"][:-1]:

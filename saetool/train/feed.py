@@ -4,6 +4,8 @@ The loader yields rows in the store's dtype (fp16/bf16/fp32) on the host; this r
 (all of it, or its `split_evenly` slice with --parallel data) is copied to the device (on CUDA from pinned
 memory on a side stream, `saetool.loader.DeviceFeed`), converted to fp32 there and multiplied by the input
 scale. Only the share travels: the full host batch is kept for the rare steps that need it (resampling).
+A transcoder run's rows hold its input and target hooks side by side ([x_in | x_out], saetool.loader); the step
+splits them (saetool.train.step.split_pair).
 """
 
 from __future__ import annotations

@@ -45,60 +45,102 @@ def describe(run: SweepRun, step: Step) -> str:
     """The one-line summary printed before training."""
     cfg, dist, param = run.cfg, run.dist, run.ensemble.arch.SWEEP_PARAM
     values = run.hyper[param]
-    return (f"sweep: {run.n_members} {cfg.architecture} SAEs ({param} {values[0]:.3g}..{values[-1]:.3g}), "
-            f"d_in {run.ensemble.d_in}, d_sae {run.ensemble.d_sae}, hook {run.hook}, {run.loader.n_rows} training "
+    kind, hooks = "SAEs", f"hook {run.hook}"
+    if run.target is not None:
+        kind = "skip transcoders" if cfg.skip_connection else "transcoders"
+        hooks = f"d_out {run.ensemble.d_out}, hooks {run.hook} -> {run.target}"
+    return (f"sweep: {run.n_members} {cfg.architecture} {kind} ({param} {values[0]:.3g}..{values[-1]:.3g}), "
+            f"d_in {run.ensemble.d_in}, d_sae {run.ensemble.d_sae}, {hooks}, {run.loader.n_rows} training "
             f"rows x {cfg.n_repetitions}, device {cfg.device}, {dist.world_size} process(es)"
             + (f", parallel {cfg.parallel}" if dist.active else "") + f", {step.describe()}")
 
 
 def train(run: SweepRun, step: Step, state: dict | None, log=print) -> Trained:
     """Train `run` with `step` from a loaded checkpoint `state` (or from scratch for None)."""
-    cfg, dist = run.cfg, run.dist
-    tracker = None
-    if cfg.auxk_coefficient or cfg.resample_every:
-        tracker = DeadLatentTracker(len(run.local), run.ensemble.d_sae, cfg.dead_window, cfg.device)
-    at = _restore(run, tracker, state)
-    logger = TrainLogger(run, at.steps, at.tokens, log)
-    restarts = range(cfg.resample_every, run.total_steps, cfg.resample_every) if cfg.resample_every else ()
-    start, trained_here = time.perf_counter(), 0
+    trainer = RunTrainer(run, step, state, log)
+    start = time.perf_counter()
     try:  # the progress bar ends before an error is printed
-        for epoch in range(at.epoch, cfg.n_repetitions):
-            first = at.batch if epoch == at.epoch else 0
-            snapshots = _SnapshotClock(run.store.spec.chunk_size, cfg.save_after_every, first, cfg.batch_size)
+        for epoch in range(trainer.at.epoch, run.cfg.n_repetitions):
+            first = trainer.start_epoch(epoch)
             for i, (x, x_local) in enumerate(device_batches(run, epoch, first), start=first):
-                lr = _set_schedules(run, at.steps, restarts)
-                dead = tracker.dead if tracker is not None and cfg.auxk_coefficient else None
-                stats = step(x_local, len(x), dead)
-                fired = stats.pop("fired")
-                at.steps += 1
-                if tracker is not None:
-                    _track_dead(run, tracker, fired, x, at.steps, log)
-                at.tokens += len(x)
-                trained_here += len(x)
-                logger.step(stats, at.steps, at.tokens, len(x), lr)
-                chunk = snapshots.due(len(x))
-                if chunk is not None:
-                    save_sweep(run, run.out / "snapshots" / f"epoch_{epoch}_chunk_{chunk}", None, {})
-                if cfg.checkpoint_every and at.steps % cfg.checkpoint_every == 0:
-                    _checkpoint(run, step, tracker, Position(epoch, i + 1, at.steps, at.tokens))
-            if epoch < cfg.n_repetitions - 1:
-                save_sweep(run, run.out / "snapshots" / f"epoch_{epoch}", None, {})
-        if cfg.checkpoint_every and trained_here and at.steps % cfg.checkpoint_every:
-            # the end of training, so that a save that fails (disk full) resumes without retraining
-            _checkpoint(run, step, tracker, Position(cfg.n_repetitions - 1, len(run.loader), at.steps, at.tokens))
+                trainer.batch(epoch, i, x, x_local)
+            trainer.end_epoch(epoch)
+        trainer.end()
     finally:
-        logger.close()
-    seconds = time.perf_counter() - start
-    rate = trained_here / max(seconds, 1e-9)
-    resumed = f" ({trained_here} tokens in this run)" if trained_here != at.tokens else ""
-    log(f"trained {at.steps} steps, {at.tokens} tokens{resumed}; this run {seconds:.1f} s ({rate:.0f} tokens/s, "
-        f"{rate * run.n_members:.0f} SAE-tokens/s)")
-    summary = {"steps": at.steps, "tokens": at.tokens, "seconds_this_run": round(seconds, 2),
-               "tokens_per_s": round(rate, 1), "sae_tokens_per_s": round(rate * run.n_members, 1),
-               "world_size": dist.world_size, "parallel": cfg.parallel if dist.active else "none",
-               "compiled": step.compiled, "kernel": "fused" if step.fused else "autograd", "precision": step.precision,
-               "grad_clip_norm": step.grad_clip_norm}
-    return Trained(summary, logger)
+        trainer.close()
+    return trainer.result(time.perf_counter() - start)
+
+
+class RunTrainer:
+    """One run's training, batch by batch: `start_epoch(e)` -> first batch, `batch(e, i, x, x_local)` for each batch,
+    `end_epoch(e)`, `end()`, `close()`, `result(seconds)`. `train` drives one run with it; several runs on the same
+    row batches (saetool.multihook) drive one RunTrainer each in lockstep."""
+
+    def __init__(self, run: SweepRun, step: Step, state: dict | None, log=print):
+        cfg = run.cfg
+        self.run, self.step, self.log = run, step, log
+        self.tracker = None
+        if cfg.auxk_coefficient or cfg.resample_every:
+            self.tracker = DeadLatentTracker(len(run.local), run.ensemble.d_sae, cfg.dead_window, cfg.device)
+        self.at = _restore(run, self.tracker, state)
+        self.logger = TrainLogger(run, self.at.steps, self.at.tokens, log)
+        self.restarts = range(cfg.resample_every, run.total_steps, cfg.resample_every) if cfg.resample_every else ()
+        self.trained_here = 0
+        self.snapshots: _SnapshotClock | None = None
+
+    def start_epoch(self, epoch: int) -> int:
+        """Begin `epoch`; returns its first batch (a resumed epoch's position, else 0)."""
+        first = self.at.batch if epoch == self.at.epoch else 0
+        self.snapshots = _SnapshotClock(self.run.store.spec.chunk_size, self.run.cfg.save_after_every, first,
+                                        self.run.cfg.batch_size)
+        return first
+
+    def batch(self, epoch: int, i: int, x: torch.Tensor, x_local: torch.Tensor) -> None:
+        """Train on batch i of `epoch`: x the whole batch on the host, x_local this rank's rows on the device."""
+        run, cfg, at, tracker = self.run, self.run.cfg, self.at, self.tracker
+        lr = _set_schedules(run, at.steps, self.restarts)
+        dead = tracker.dead if tracker is not None and cfg.auxk_coefficient else None
+        stats = self.step(x_local, len(x), dead)
+        fired = stats.pop("fired")
+        at.steps += 1
+        if tracker is not None:
+            _track_dead(run, tracker, fired, x, at.steps, self.log)
+        at.tokens += len(x)
+        self.trained_here += len(x)
+        self.logger.step(stats, at.steps, at.tokens, len(x), lr)
+        chunk = self.snapshots.due(len(x))
+        if chunk is not None:
+            save_sweep(run, run.out / "snapshots" / f"epoch_{epoch}_chunk_{chunk}", None, {})
+        if cfg.checkpoint_every and at.steps % cfg.checkpoint_every == 0:
+            _checkpoint(run, self.step, tracker, Position(epoch, i + 1, at.steps, at.tokens))
+
+    def end_epoch(self, epoch: int) -> None:
+        if epoch < self.run.cfg.n_repetitions - 1:
+            save_sweep(self.run, self.run.out / "snapshots" / f"epoch_{epoch}", None, {})
+
+    def end(self) -> None:
+        cfg, at = self.run.cfg, self.at
+        if cfg.checkpoint_every and self.trained_here and at.steps % cfg.checkpoint_every:
+            # the end of training, so that a save that fails (disk full) resumes without retraining
+            _checkpoint(self.run, self.step, self.tracker,
+                        Position(cfg.n_repetitions - 1, len(self.run.loader), at.steps, at.tokens))
+
+    def close(self) -> None:
+        self.logger.close()
+
+    def result(self, seconds: float) -> Trained:
+        """The summary of the training (sweep.json's "training") after `seconds` of it."""
+        run, cfg, step, at = self.run, self.run.cfg, self.step, self.at
+        rate = self.trained_here / max(seconds, 1e-9)
+        resumed = f" ({self.trained_here} tokens in this run)" if self.trained_here != at.tokens else ""
+        self.log(f"trained {at.steps} steps, {at.tokens} tokens{resumed}; this run {seconds:.1f} s ({rate:.0f} "
+                 f"tokens/s, {rate * run.n_members:.0f} SAE-tokens/s)")
+        summary = {"steps": at.steps, "tokens": at.tokens, "seconds_this_run": round(seconds, 2),
+                   "tokens_per_s": round(rate, 1), "sae_tokens_per_s": round(rate * run.n_members, 1),
+                   "world_size": run.dist.world_size, "parallel": cfg.parallel if run.dist.active else "none",
+                   "compiled": step.compiled, "kernel": "fused" if step.fused else "autograd",
+                   "precision": step.precision, "grad_clip_norm": step.grad_clip_norm}
+        return Trained(summary, self.logger)
 
 
 class _SnapshotClock:

@@ -16,23 +16,26 @@ from saetool.metrics import ReconstructionStats
 from saetool.recipes import fold_normalization
 from saetool.saes import get_architecture
 from saetool.store import ActivationStore
+from saetool.train.step import split_pair
 
 METRIC_KEYS = ("mse", "fvu", "explained_variance", "l0", "l1", "dead_fraction", "n_dead")
 
 
 @torch.no_grad()
 def evaluate(ensemble: SAEEnsemble, store: ActivationStore, hook: str, rows: tuple[int, int], batch_size: int,
-             device: str, scale: float = 1.0) -> dict[str, torch.Tensor]:
+             device: str, scale: float = 1.0, target: str | None = None) -> dict[str, torch.Tensor]:
     """Exact streaming metrics of every member over the (masked) rows `rows`; see ReconstructionStats.compute.
-    The ensemble runs in eval mode (BatchTopK: its learned threshold) on scale * x (fp32); x_hat is unscaled."""
+    The ensemble runs in eval mode (BatchTopK: its learned threshold) on scale * x (fp32); x_hat is unscaled.
+    A transcoder (target: its output hook) is scored on its prediction of the target rows: FVU of x_out."""
     was_training = ensemble.training
     ensemble.eval()
-    stats = ReconstructionStats(ensemble.n_members, ensemble.d_in, ensemble.d_sae, device=device)
-    loader = BatchLoader(store, hook, batch_size, rows, shuffle_chunks=1)
+    stats = ReconstructionStats(ensemble.n_members, ensemble.d_out, ensemble.d_sae, device=device)
+    loader = BatchLoader(store, hook if target is None else (hook, target), batch_size, rows, shuffle_chunks=1)
     for x in loader.epoch(0):
         x = x.to(device).float()
+        x, y = (x, x) if target is None else split_pair(x, ensemble.d_in)
         x_hat, f = ensemble(x * scale)
-        stats.update(x, x_hat / scale, f)
+        stats.update(y, x_hat / scale, f)
     ensemble.train(was_training)
     return stats.compute()
 
@@ -55,11 +58,13 @@ def save_sweep(run, out: Path, metrics: dict | None, training: dict) -> dict | N
     if run.by_members or dist.is_main:
         for j, i in enumerate(run.local):
             arch_cfg = ensemble.member_cfg(j)
+            out_hook = {} if run.target is None else {"hook_name_out": run.target}
             member_cfg = {
-                **arch_cfg, "dtype": "float32", "device": str(cfg.device), "apply_b_dec_to_input": True,
+                **arch_cfg, "dtype": "float32", "device": str(cfg.device), "apply_b_dec_to_input": run.target is None,
                 "normalize_activations": "none", "hook_name": run.hook, "tied": ensemble.tied,
                 "metadata": {**arch_cfg["metadata"], "normalization_factor_folded": run.scale,
-                             "model_name": spec.model, "hook_name": run.hook, "context_size": spec.context_size,
+                             "model_name": spec.model, "hook_name": run.hook, **out_hook,
+                             "context_size": spec.context_size,
                              "prepend_bos": spec.extra.get("prepend_bos", True), "dataset_path": str(store.path),
                              "dataset": spec.dataset, "seed": ensemble.seeds[j],
                              "saetool_version": saetool.__version__},
@@ -74,7 +79,8 @@ def save_sweep(run, out: Path, metrics: dict | None, training: dict) -> dict | N
         return None
     members = [m[1:] for m in sorted(payload, key=lambda m: m[0])]
     index = {"saetool_version": saetool.__version__, "config": dataclasses.asdict(cfg),
-             "store": {"path": str(store.path), "model": spec.model, "hook_name": run.hook, "n_rows": spec.n_rows},
+             "store": {"path": str(store.path), "model": spec.model, "hook_name": run.hook, "n_rows": spec.n_rows,
+                       **({} if run.target is None else {"target_hook": run.target})},
              "sweep_param": ensemble.arch.SWEEP_PARAM, "training": training}
     write_sweep(out, members, index)
     return json.loads((out / INDEX_FILE).read_text())

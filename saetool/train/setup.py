@@ -29,7 +29,8 @@ from saetool.train.checkpoint import Checkpointer
 @dataclass
 class SweepRun:
     """Everything the loop, the evaluation and the saving share. `local` are this rank's member indices;
-    `scale` multiplies every input row (normalize_activations; folded into the saved weights)."""
+    `scale` multiplies every input row (normalize_activations; folded into the saved weights); `target` is a
+    transcoder's output hook (None for SAEs): the loader's batches then hold [x_in | x_out] side by side."""
 
     cfg: SweepConfig
     dist: Dist
@@ -47,6 +48,7 @@ class SweepRun:
     loader: BatchLoader
     checkpointer: Checkpointer
     scale: float = 1.0
+    target: str | None = None
 
     @property
     def n_members(self) -> int:
@@ -117,6 +119,7 @@ def setup_run(cfg: SweepConfig, dist: Dist, log=print) -> SweepRun:
     store = ActivationStore.open(cfg.dataset_dir) if cfg.array is None else ActivationStore.open(cfg.dataset_dir,
                                                                                                   array=cfg.array)
     hook = store.resolve_hook(cfg.array or cfg.hook_name)
+    target = target_hook(store, hook, cfg.target_hook)
     d_in = store.width(hook)
     d_sae = int(d_in * cfg.ratio)
     if d_sae < 1:
@@ -134,28 +137,48 @@ def setup_run(cfg: SweepConfig, dist: Dist, log=print) -> SweepRun:
     train_rows, eval_rows = split_rows(store, cfg.eval_tokens)
     ensemble = SAEEnsemble(cfg.architecture, d_in, d_sae, {h: [v[i] for i in local] for h, v in hyper.items()},
                            seeds=[cfg.seed + i for i in local], tied=cfg.tied, options=architecture_options(cfg),
-                           decoder_norm_l1=cfg.decoder_norm_l1, auxk_coefficient=cfg.auxk_coefficient, k_aux=cfg.k_aux
+                           decoder_norm_l1=cfg.decoder_norm_l1, auxk_coefficient=cfg.auxk_coefficient, k_aux=cfg.k_aux,
+                           d_out=None if target is None else store.width(target), skip_connection=cfg.skip_connection
                            ).to(cfg.device)
-    scale = _initialise(ensemble, cfg, store, hook, train_rows, log)
-    loader = BatchLoader(store, hook, cfg.batch_size, train_rows, seed=cfg.seed, shuffle_chunks=cfg.shuffle_chunks)
+    scale = _initialise(ensemble, cfg, store, hook, train_rows, log, target)
+    loader = BatchLoader(store, hook if target is None else (hook, target), cfg.batch_size, train_rows, seed=cfg.seed,
+                         shuffle_chunks=cfg.shuffle_chunks)
     optimizer = torch.optim.Adam(ensemble.parameters(), lr=cfg.adam_lr)
     run = SweepRun(cfg, dist, out, store, hook, hyper, local, by_members, cfg.parallel == "data" and dist.active,
-                   train_rows, eval_rows, ensemble, optimizer, loader, checkpointer, scale)
+                   train_rows, eval_rows, ensemble, optimizer, loader, checkpointer, scale, target)
     if cfg.lr_decay_steps > run.total_steps:
         raise ValueError(f"--lr_decay_steps {cfg.lr_decay_steps} is more than this run's {run.total_steps} steps "
                          f"({loader.n_rows} rows / batch {cfg.batch_size} x {cfg.n_repetitions} repetitions)")
     return run
 
 
+def target_hook(store: ActivationStore, hook: str, target: str | None) -> str | None:
+    """The transcoder target hook `target` of `store` (None for an SAE), checked against the input `hook`: StoreError
+    (one line naming --target_hook) for a hook the store lacks, or an array whose row count differs from the
+    input's (every hook of a saetool store shares one row mask, so equal rows mean equal masks)."""
+    if target is None:
+        return None
+    try:
+        target = store.resolve_hook(target)
+    except StoreError as e:
+        raise StoreError(f"--target_hook: {e}") from None
+    rows = {h: store.group[h].shape[0] for h in (hook, target)}
+    if rows[hook] != rows[target]:
+        raise StoreError(f"--target_hook {target} has {rows[target]} rows but --hook_name {hook} has {rows[hook]} in "
+                         f"{store.path}; a transcoder needs both hooks of the same rows (regenerate the store)")
+    return target
+
+
 def _initialise(ensemble: SAEEnsemble, cfg: SweepConfig, store: ActivationStore, hook: str,
-                train_rows: tuple[int, int], log) -> float:
-    """The input scale (returned; 1.0 without normalisation), b_dec from data, and JumpReLU's threshold unit and
-    initial threshold from the data scale (saetool.saes.jumprelu.initialise)."""
+                train_rows: tuple[int, int], log, target: str | None = None) -> float:
+    """The input scale (returned; 1.0 without normalisation), b_dec from data (a transcoder's: from its target
+    hook), and JumpReLU's threshold unit and initial threshold from the data scale of the encoder's input
+    (saetool.saes.jumprelu.initialise)."""
     scale = 1.0
     if cfg.normalize_activations == "expected_average_only_in":
         scale = normalization_factor(data_sample(store, hook, train_rows))
         log(f"normalize_activations: inputs x {scale:.4g} (mean norm sqrt(d_in)), folded into the saved weights")
-    b_dec = b_dec_init(cfg.b_dec_init, store, hook, train_rows)
+    b_dec = b_dec_init(cfg.b_dec_init, store, hook if target is None else target, train_rows)
     if b_dec is not None:
         ensemble.set_b_dec(b_dec * scale)
     if cfg.architecture == "jumprelu":  # threshold unit and initial threshold from the data scale

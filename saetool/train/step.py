@@ -70,12 +70,12 @@ def resolve_precision(precision: str, device: str, dist: Dist) -> str:
 
 
 def train_batch_fused(ensemble: SAEEnsemble, optimizer: torch.optim.Optimizer, x: torch.Tensor, n_total: int,
-                      group: int, fused_fn=fused_loss_and_grads, dist: Dist | None = None, grad_clip_norm: float = 0.0
-                      ) -> dict[str, torch.Tensor]:
+                      group: int, fused_fn=fused_loss_and_grads, dist: Dist | None = None, grad_clip_norm: float = 0.0,
+                      target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """One fused step: gradients of this rank's rows (normalised by the global batch n_total), summed over
     data-parallel ranks in one flat all-reduce (the exact global gradient), per-member clipping (grad_clip_norm > 0),
-    Adam, decoder renormalisation."""
-    stats = fused_fn(ensemble, x, n_total, group)
+    Adam, decoder renormalisation. target: a transcoder's x_out rows (x is then x_in)."""
+    stats = fused_fn(ensemble, x, n_total, group, target=target)
     if dist is not None and dist.active:
         grads = [p.grad for p in ensemble.parameters()]
         flat = dist.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]))
@@ -109,6 +109,11 @@ def fused_step_fn(use_compile: bool, precision: str):
     return functools.partial(fn, compute_dtype=torch.bfloat16)
 
 
+def split_pair(x: torch.Tensor, d_in: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A transcoder batch [rows, d_in + d_out] -> (x_in [rows, d_in], x_out [rows, d_out]), both contiguous."""
+    return x[:, :d_in].contiguous(), x[:, d_in:].contiguous()
+
+
 @dataclass
 class Step:
     """One training step of the whole ensemble on this rank's rows: `step(x_local, n_total, dead) -> stats`
@@ -132,16 +137,21 @@ class Step:
                 + (f", gradients clipped per SAE at {self.grad_clip_norm:.3g}" if self.grad_clip_norm else ""))
 
     def __call__(self, x_local: torch.Tensor, n_total: int, dead: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """x_local: this rank's rows [rows, d_in], or a transcoder's [x_in | x_out] side by side [rows, d_in + d_out]
+        (split here)."""
+        target = None
+        if self.ensemble.transcoder:
+            x_local, target = split_pair(x_local, self.ensemble.d_in)
         if self.fused:
             return train_batch_fused(self.ensemble, self.optimizer, x_local, n_total, self.group, self.fn,
-                                     self.dist if self.data_parallel else None, self.grad_clip_norm)
+                                     self.dist if self.data_parallel else None, self.grad_clip_norm, target)
         # data-parallel BatchTopK selects over the global batch (saetool.saes._common.global_batch)
         batch_ctx = global_batch(n_total, self.dist.all_gather) if self.data_parallel else contextlib.nullcontext()
         with batch_ctx:
             return train_step(self.ensemble, self.optimizer, x_local, n_total=n_total, step_fn=self.fn,
                               model=self.model, loss_scale=self.dist.world_size if self.data_parallel else 1.0,
                               dead=dead, grad_clip_norm=self.grad_clip_norm,
-                              member_group=0 if self.data_parallel else self.group)
+                              member_group=0 if self.data_parallel else self.group, target=target)
 
 
 def choose_step(cfg: SweepConfig, ensemble: SAEEnsemble, optimizer: torch.optim.Optimizer, dist: Dist,
@@ -162,4 +172,4 @@ def choose_step(cfg: SweepConfig, ensemble: SAEEnsemble, optimizer: torch.optim.
         model = torch.nn.parallel.DistributedDataParallel(ensemble, broadcast_buffers=False)
     fn = fused_step_fn(use_compile, precision) if fused else autograd_step_fn(use_compile, precision, device_type)
     return Step(ensemble, optimizer, dist, data_parallel, fused, precision, use_compile, group,
-                cfg.clip_norm(ensemble.d_in), fn, model)
+                cfg.clip_norm(ensemble.d_out), fn, model)

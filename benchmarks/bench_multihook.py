@@ -1,0 +1,91 @@
+"""A sweep over every hook of a store in one read against one sweep per hook, side by side in one run:
+
+    .venv/bin/python benchmarks/bench_multihook.py --store runs/mlp3.zarr --out runs/bench
+
+(a) `saetool sweep --hook_name all` (saetool.multihook: one loader reads every hook's columns of the same rows);
+(b) one `saetool sweep --hook_name H` per hook of the store, one after the other.
+Same flags for both (standard, --l1_values of --members values, --ratio, --batch_size, one pass, no report). Counts
+the store's chunk reads of training rows (ActivationStore.read_rows calls of at most one chunk) and the wall time of
+each route, and checks that every member of (a) equals its twin of (b). Writes DIR/multihook.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from saetool.config import SweepConfig, build
+from saetool.io import read_index
+from saetool.store import ActivationStore
+from saetool.sweep import run_sweep
+
+
+def counted(fn, store_rows: int, chunk: int) -> tuple[float, int]:
+    """(seconds, chunk reads of training rows) of fn()."""
+    reads = []
+    original = ActivationStore.read_rows
+
+    def counting(self, hook_name, start, stop, dtype=torch.float32):
+        if stop - start <= chunk and stop <= store_rows:
+            reads.append((hook_name, start))
+        return original(self, hook_name, start, stop, dtype)
+
+    ActivationStore.read_rows = counting
+    try:
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t, len(reads)
+    finally:
+        ActivationStore.read_rows = original
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--store", required=True)
+    ap.add_argument("--out", default="runs/bench")
+    ap.add_argument("--members", type=int, default=4)
+    ap.add_argument("--ratio", type=float, default=2.0)
+    ap.add_argument("--batch_size", type=int, default=1024)
+    args = ap.parse_args()
+    store = ActivationStore.open(args.store)
+    hooks, spec = store.spec.hook_names, store.spec
+    work = Path(args.out) / "multihook"
+    shutil.rmtree(work, ignore_errors=True)
+    flags = {"dataset_dir": args.store, "ratio": args.ratio, "batch_size": args.batch_size, "report": False,
+             "device": "cpu", "l1_values": list(np.logspace(-3, -1, args.members)), "grad_clip_norm": 0.0}
+    train_stop = spec.n_rows - 8192
+
+    def together():
+        run_sweep(build(SweepConfig, {**flags, "hook_name": "all", "output_dir": str(work / "all")}), log=lambda *a: None)
+
+    def apart():
+        for h in hooks:
+            run_sweep(build(SweepConfig, {**flags, "hook_name": h, "output_dir": str(work / "apart" / h)}),
+                      log=lambda *a: None)
+
+    t_all, reads_all = counted(together, train_stop, spec.chunk_size)
+    t_apart, reads_apart = counted(apart, train_stop, spec.chunk_size)
+    worst = 0.0
+    for h in hooks:
+        for m, twin in zip(read_index(work / "all" / h)["members"], read_index(work / "apart" / h)["members"]):
+            a = load_file(str(work / "all" / h / m["path"] / "sae_weights.safetensors"))
+            b = load_file(str(work / "apart" / h / twin["path"] / "sae_weights.safetensors"))
+            worst = max(worst, max(float((a[k] - b[k]).abs().max()) for k in a))
+    result = {"store": args.store, "hooks": hooks, "n_rows": spec.n_rows, "members_per_hook": args.members,
+              "ratio": args.ratio, "batch_size": args.batch_size, "seconds_all_in_one": round(t_all, 2),
+              "seconds_one_per_hook": round(t_apart, 2), "speedup": round(t_apart / t_all, 3),
+              "chunk_reads_all_in_one": reads_all, "chunk_reads_one_per_hook": reads_apart,
+              "max_weight_difference": worst}
+    (Path(args.out) / "multihook.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -154,6 +154,7 @@ def main():
     clip = 1.0 / d_in
 
     bt = {"architecture": "batchtopk", "k_values": ks, "threshold_lr": 0.05}
+    mt = {**bt, "architecture": "matryoshka_batchtopk"}
     jr = {"architecture": "jumprelu", "l0_values": [float(v) for v in args.l0.split(",")]}
     recipes = [  # both tools' defaults first, then saetool's clipping on the other architectures, then matched settings
         ("standard", "saetool default", lambda: train_saetool(args, {"l1_values": l1}, eval_x)),
@@ -169,6 +170,9 @@ def main():
         ("batchtopk", "saetool, clipping 1/d_in", lambda: train_saetool(args, {**bt, "grad_clip_norm": clip}, eval_x)),
         ("jumprelu", "saetool default", lambda: train_saetool(args, jr, eval_x)),
         ("jumprelu", "saetool, clipping 1/d_in", lambda: train_saetool(args, {**jr, "grad_clip_norm": clip}, eval_x)),
+        ("matryoshka_batchtopk", "saetool default", lambda: train_saetool(args, mt, eval_x)),
+        ("matryoshka_batchtopk", "saetool, clipping 1/d_in",
+         lambda: train_saetool(args, {**mt, "grad_clip_norm": clip}, eval_x)),
         ("standard", "saetool `--decoder_norm_l1` (SAELens's loss), clipping 1/d_in",
          lambda: train_saetool(args, {"l1_values": l1, "decoder_norm_l1": True, "grad_clip_norm": clip}, eval_x)),
         ("standard", "SAELens from saetool's init", lambda: train_saelens(args, "standard", [v * d_in for v in l1],

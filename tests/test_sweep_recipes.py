@@ -185,10 +185,10 @@ def test_default_clips_each_standard_member_at_1_over_d_in_like_a_lone_clipped_s
     assert (unclipped[l1[0]].W_enc - trained[l1[0]].W_enc).abs().max() > 1e-3
 
 
-def test_grad_clip_norm_auto_is_1_over_d_in_for_l1_architectures_only():
-    assert [SweepConfig(architecture=a).clip_norm(576) for a in ("standard", "gated")] == [1 / 576] * 2
-    assert [SweepConfig(architecture=a).clip_norm(576) for a in ("topk", "batchtopk", "jumprelu",
-                                                                 "matryoshka_batchtopk")] == [0.0] * 4
+def test_grad_clip_norm_auto_is_1_over_d_out_for_every_architecture_but_topk():
+    clipped = ("standard", "gated", "batchtopk", "matryoshka_batchtopk", "jumprelu")
+    assert [SweepConfig(architecture=a).clip_norm(576) for a in clipped] == [1 / 576] * 5
+    assert SweepConfig(architecture="topk").clip_norm(576) == 0.0
     assert SweepConfig(architecture="topk", grad_clip_norm=0.5).clip_norm(576) == 0.5
     assert SweepConfig(grad_clip_norm=0.0).clip_norm(576) == 0.0
 

@@ -1,0 +1,245 @@
+"""One streaming pass that collects what the feature browser shows for every member and latent.
+
+For each member of a sweep and each latent ``i`` (of the first ``n_latents``), over the evaluated rows (the store's
+held-out rows by default):
+
+* **top activations**: the ``top`` positions with the largest activation ``f_i > 0`` (ties: any order), each with
+  its context window, ``before`` tokens before and ``after`` tokens after the position, clipped to the position's
+  context and to the evaluated rows, and the latent's activation at every token of the window;
+* **quantile samples**: a uniform random sample of ``samples`` firing positions (the ``samples`` firing positions
+  with the smallest :func:`sample_keys`, a fixed hash of (row, latent): reproducible, and one pass suffices), with
+  their windows; :func:`quantile_groups` sorts them by activation and splits them into groups (the lowest fifth,
+  the next fifth, ...), so each group shows contexts from one quantile band of the latent's activation
+  distribution. SAEDashboard instead samples equal-width intervals of ``[0, max]``; those need the final maximum
+  before the pass (a second pass), which this one-pass, bounded-memory form avoids;
+* **activation histogram**: counts of the firing activations in the fixed bins of :data:`HIST_EDGES`
+  (``log10 f`` from -3 to 3 in steps of 0.1; bin 0 counts ``f < 1e-3``, the last bin ``f >= 1e3``), the same
+  edges for every latent;
+* **firing density**: the fraction of evaluated (kept) tokens on which ``f_i != 0`` (the convention of
+  :class:`saetool.metrics.FiringCounter`, so it equals the report's density).
+
+Positions the store masks out (BOS, separators, padding) are never encoded or counted; inside a window they show
+activation 0 and ``kept`` False. Memory per member: ``n_latents * (top + samples) * (before + 1 + after)`` float32
+window values plus small per-latent arrays (``O(members x latents x N)``; no activation is kept beyond its batch).
+The buffers are merged per batch from the batch's non-zero activations only (sparse), so the extra work per batch
+grows with the number of firings, not with ``tokens x latents``.
+
+Token ids of the windows are read from the store's ``tokens`` array once, after the pass, for the contexts that
+the kept windows reference.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["HIST_EDGES", "FeatureCollector", "LatentWindows", "context_batches", "quantile_groups", "sample_keys"]
+
+HIST_EDGES = np.round(np.linspace(-3.0, 3.0, 61), 10)  # log10 activation; 60 bins + under/overflow bins
+_INT64_MAX = torch.iinfo(torch.int64).max
+_M32 = 0xFFFFFFFF
+
+
+def sample_keys(rows: Tensor, latents: Tensor, seed: int = 0) -> Tensor:
+    """The random key of each (row, latent) pair: int64 in ``[0, 2**62)``, a fixed function of its inputs.
+
+    The high 32 bits are a 32-bit integer hash (the "lowbias32" mixer: xor-shift 16, multiply 0x7feb352d,
+    xor-shift 15, multiply 0x846ca68b, xor-shift 16) of ``row * 0x9E3779B1 + latent * 0x85EBCA77 + seed``; the low
+    30 bits are ``row mod 2**30``, which breaks ties between equal hashes. The firing positions with the smallest
+    keys form a uniform random sample of the firing positions. ``rows``, ``latents``: int64 tensors of one shape.
+    """
+    x = (rows.to(torch.int64) * 0x9E3779B1 + latents.to(torch.int64) * 0x85EBCA77 + int(seed)) & _M32
+    x = ((x ^ (x >> 16)) * 0x7FEB352D) & _M32
+    x = ((x ^ (x >> 15)) * 0x846CA68B) & _M32
+    x = x ^ (x >> 16)
+    return (x << 30) | (rows.to(torch.int64) & ((1 << 30) - 1))
+
+
+def context_batches(start: int, stop: int, context_size: int, batch_rows: int) -> list[tuple[int, int]]:
+    """Split rows ``[start, stop)`` into batches whose inner boundaries fall on context boundaries.
+
+    Boundaries are the multiples of ``batch_rows`` rounded up to whole contexts (``ceil(batch_rows / context_size)
+    * context_size``), so a window never needs rows of another batch except in a context cut by ``start`` or
+    ``stop`` (clipped there). Returns ``[(start, stop), ...]`` covering the range in order.
+    """
+    step = max(1, -(-int(batch_rows) // context_size)) * context_size
+    edges = [start] + list(range((start // step + 1) * step, stop, step)) + [stop]
+    return [(a, b) for a, b in itertools.pairwise(edges) if b > a]
+
+
+@dataclass
+class LatentWindows:
+    """Kept positions of one member, ``[n_latents, K]`` each (K = top or samples), slots sorted best first.
+
+    ``score`` is the ordering key (activation for the top buffer, minus the random key for the samples), ``value``
+    the activation at the position, ``row`` the store row (-1: empty slot), ``window`` float32 ``[n_latents, K, W]``
+    the activations of the window's tokens and ``window_row`` int64 ``[n_latents, K, W]`` their store rows (-1:
+    outside the context or the evaluated rows)."""
+
+    score: Tensor
+    value: Tensor
+    row: Tensor
+    window: Tensor
+    window_row: Tensor
+
+
+class FeatureCollector:
+    """Running top-N and sample buffers, histograms and firing counts of several members (see the module docstring).
+
+    Args:
+        d_sae: latents of each member (list, one per member); only the first ``n_latents`` of each are collected.
+        context_size: the store's context size (windows never cross a context boundary).
+        top: top activations kept per latent (N).
+        samples: random firing positions kept per latent for the quantile groups.
+        before, after: window tokens before and after the position.
+        n_latents: collect latents ``[0, n_latents)`` (None: all).
+        device: where the buffers live (the encoder's device).
+        seed: of :func:`sample_keys`.
+    """
+
+    def __init__(self, d_sae: list[int], context_size: int, top: int = 20, samples: int = 25, before: int = 24,
+                 after: int = 8, n_latents: int | None = None, device: str | torch.device = "cpu", seed: int = 0):
+        if top < 1 or samples < 0 or before < 0 or after < 0:
+            raise ValueError("top must be >= 1 and samples, before, after >= 0")
+        self.context_size, self.top, self.samples = int(context_size), int(top), int(samples)
+        self.before, self.after, self.seed = int(before), int(after), int(seed)
+        self.device = torch.device(device)
+        self.n_latents = [int(d if n_latents is None else min(d, n_latents)) for d in d_sae]
+        self.offsets = torch.arange(-self.before, self.after + 1, device=self.device)
+        self.top_buf = [self._empty(n, self.top, torch.float32) for n in self.n_latents]
+        self.sample_buf = [self._empty(n, self.samples, torch.int64) for n in self.n_latents]
+        n_bins = len(HIST_EDGES) + 1
+        self.hist = [torch.zeros(n, n_bins, dtype=torch.int64, device=self.device) for n in self.n_latents]
+        self.fired = [torch.zeros(n, dtype=torch.int64, device=self.device) for n in self.n_latents]
+        self.n_tokens = [0] * len(self.n_latents)
+        self._edges = torch.tensor(HIST_EDGES, dtype=torch.float64, device=self.device)
+
+    def _empty(self, n: int, k: int, score_dtype: torch.dtype) -> LatentWindows:
+        w = len(self.offsets)
+        low = -torch.inf if score_dtype.is_floating_point else torch.iinfo(score_dtype).min
+        return LatentWindows(
+            score=torch.full((n, k), low, dtype=score_dtype, device=self.device),
+            value=torch.zeros(n, k, device=self.device), row=torch.full((n, k), -1, dtype=torch.int64,
+                                                                          device=self.device),
+            window=torch.zeros(n, k, w, device=self.device),
+            window_row=torch.full((n, k, w), -1, dtype=torch.int64, device=self.device))
+
+    @torch.no_grad()
+    def update(self, member: int, start: int, keep: Tensor, f: Tensor) -> None:
+        """Add one batch of one member.
+
+        Args:
+            member: the member's index.
+            start: the store row of the batch's first row; a batch must hold rows ``[start, start + len(keep))``
+                whose inner context boundaries are those of :func:`context_batches`.
+            keep: bool ``[B]``, the store's mask of the batch (False: not encoded).
+            f: ``[keep.sum(), d_sae]`` the member's latents at the kept rows, in row order (any float dtype).
+        """
+        n = self.n_latents[member]
+        keep = keep.to(self.device)
+        f = f[:, :n].to(self.device, torch.float32)
+        slot = torch.full((len(keep),), -1, dtype=torch.int64, device=self.device)  # batch row -> row of f
+        slot[keep] = torch.arange(int(keep.sum()), device=self.device)
+        self.n_tokens[member] += f.shape[0]
+        nz = f.nonzero()  # [nnz, 2]: (row of f, latent)
+        if nz.numel() == 0:
+            return
+        kept_rows = keep.nonzero()[:, 0]
+        brow, lat = kept_rows[nz[:, 0]], nz[:, 1]  # batch row, latent
+        val = f[nz[:, 0], lat]
+        self.fired[member] += torch.bincount(lat, minlength=n)
+        n_bins = self.hist[member].shape[1]
+        b = torch.bucketize(torch.log10(val.clamp_min(1e-30).double()), self._edges, right=True)
+        self.hist[member] += torch.bincount(lat * n_bins + b, minlength=n * n_bins).reshape(n, n_bins)
+        pos = val > 0
+        ctx = (start, keep, slot, f)
+        self.top_buf[member] = self._merge(self.top_buf[member], lat[pos], brow[pos], val[pos], val[pos], ctx)
+        if self.samples:
+            key = sample_keys(brow[pos] + start, lat[pos], self.seed)
+            self.sample_buf[member] = self._merge(self.sample_buf[member], lat[pos], brow[pos], -key, val[pos], ctx)
+
+    def _merge(self, buf: LatentWindows, lat: Tensor, brow: Tensor, score: Tensor, val: Tensor, ctx) -> LatentWindows:
+        """Merge the candidates (latent, batch row, score, value) into ``buf`` in place, keeping the K best scores
+        per latent; only the latents that have a candidate better than their current K-th are touched."""
+        start, keep, slot, f = ctx
+        k = buf.score.shape[1]
+        better = score > buf.score[lat, -1]
+        lat, brow, score, val = lat[better], brow[better], score[better], val[better]
+        if lat.numel() == 0:
+            return buf
+        order = torch.argsort(score, descending=True, stable=True)
+        order = order[torch.argsort(lat[order], stable=True)]  # by latent, best first within a latent
+        lat, brow, score, val = lat[order], brow[order], score[order], val[order]
+        rank = torch.arange(len(lat), device=lat.device) - torch.searchsorted(lat, lat)
+        sel = rank < k
+        lat, brow, score, val, rank = lat[sel], brow[sel], score[sel], val[sel], rank[sel]
+        touched, u = torch.unique(lat, return_inverse=True)
+        cand = self._empty(len(touched), k, buf.score.dtype)
+        cand.score[u, rank], cand.value[u, rank], cand.row[u, rank] = score, val, brow + start
+        win = brow[:, None] + self.offsets  # batch rows of each window
+        c = self.context_size
+        inside = (win >= 0) & (win < len(keep)) & ((win + start) // c == ((brow + start) // c)[:, None])
+        win_c = win.clamp(0, len(keep) - 1)
+        ok = inside & keep[win_c]
+        cand.window[u, rank] = torch.where(ok, f[slot[win_c].clamp_min(0), lat[:, None]], 0.0)
+        cand.window_row[u, rank] = torch.where(inside, win_c + start, -1)
+        names = ("score", "value", "row", "window", "window_row")
+        both = {a: torch.cat([getattr(buf, a)[touched], getattr(cand, a)], dim=1) for a in names}
+        best = torch.topk(both["score"], k, dim=1).indices
+        for a in names:
+            idx = best if both[a].dim() == 2 else best[..., None].expand(-1, -1, both[a].shape[2])
+            getattr(buf, a)[touched] = both[a].gather(1, idx)
+        return buf
+
+    def result(self, member: int) -> dict:
+        """The collected data of one member as NumPy arrays (``n`` = n_latents, W = window length):
+
+        ``density`` float64 [n] (fired / n_tokens; 0 when no token was evaluated), ``fired`` int64 [n],
+        ``n_tokens``, ``max_activation`` float32 [n] (0 for a latent that never fired), ``hist`` int64
+        [n, 62] (bins of :data:`HIST_EDGES`), and for ``top`` and ``samples`` a dict of ``value`` [n, K],
+        ``row`` [n, K] (-1 empty), ``window`` float32 [n, K, W], ``window_row`` int64 [n, K, W] (-1: none)
+        with the slots of the top buffer sorted by activation (largest first) and the samples by key.
+        """
+        fired = self.fired[member].cpu().numpy()
+        n_tok = self.n_tokens[member]
+        top = self.top_buf[member]
+        out = {"fired": fired, "n_tokens": n_tok, "density": fired / n_tok if n_tok else np.zeros(len(fired)),
+               "hist": self.hist[member].cpu().numpy(),
+               "max_activation": top.value[:, 0].cpu().numpy()}
+        for name, buf in (("top", top), ("samples", self.sample_buf[member])):
+            out[name] = {a: getattr(buf, a).cpu().numpy() for a in ("value", "row", "window", "window_row")}
+        return out
+
+
+def quantile_groups(values: np.ndarray, rows: np.ndarray, n_groups: int = 5) -> list[np.ndarray]:
+    """Split one latent's samples into ``n_groups`` bands of activation: sort the filled slots (``rows >= 0``) by
+    value (ascending, ties by row) and cut them into ``n_groups`` consecutive groups of sizes as equal as possible
+    (``np.array_split``). Returns, lowest band first, arrays of slot indices; empty groups are dropped."""
+    filled = np.nonzero(rows >= 0)[0]
+    order = filled[np.lexsort((rows[filled], values[filled]))]
+    return [g for g in np.array_split(order, n_groups) if len(g)]
+
+
+@torch.no_grad()
+def encode_pass(saes, store, hook: str, rows: tuple[int, int], device, batch_rows: int = 2048, stats=None,
+                collector: FeatureCollector | None = None) -> None:
+    """Read rows ``[rows[0], rows[1])`` of ``store`` once, encode the kept rows with every SAE, and feed the
+    latents to ``stats`` (a list of :class:`saetool.metrics.ReconstructionStats`, one per SAE: the held-out
+    evaluation) and/or ``collector`` (a :class:`FeatureCollector` for the browser). Batches follow
+    :func:`context_batches` (``batch_rows`` rows, rounded to whole contexts)."""
+    c = max(1, int(store.spec.context_size))
+    for start, stop in context_batches(rows[0], rows[1], c, batch_rows):
+        keep = torch.from_numpy(store.read_mask(start, stop))
+        if not keep.any():
+            continue
+        x = store.read_rows(hook, start, stop, torch.float32)[keep].to(device)
+        for i, sae in enumerate(saes):
+            f = sae.encode(x)
+            if stats is not None:
+                stats[i].update(x, sae.decode(f).to(x.dtype)[None], f[None])
+            if collector is not None:
+                collector.update(i, start, keep, f)

@@ -21,8 +21,10 @@ held-out rows by default):
 Positions the store masks out (BOS, separators, padding) are never encoded or counted; inside a window they show
 activation 0 and ``kept`` False. Memory per member: ``n_latents * (top + samples) * (before + 1 + after)`` float32
 window values plus small per-latent arrays (``O(members x latents x N)``; no activation is kept beyond its batch).
-The buffers are merged per batch from the batch's non-zero activations only (sparse), so the extra work per batch
-grows with the number of firings, not with ``tokens x latents``.
+The buffers are merged per batch from the batch's non-zero activations only (sparse); slots stay unordered until
+the end and only candidates that enter a buffer have their window gathered, so once the buffers are full the extra
+work per batch grows with the firings that beat a latent's current K-th entry (about ``K ln(firings / K)`` per
+latent over a whole pass), not with ``tokens x latents``.
 
 Token ids of the windows are read from the store's ``tokens`` array once, after the pass, for the contexts that
 the kept windows reference.
@@ -164,10 +166,12 @@ class FeatureCollector:
 
     def _merge(self, buf: LatentWindows, lat: Tensor, brow: Tensor, score: Tensor, val: Tensor, ctx) -> LatentWindows:
         """Merge the candidates (latent, batch row, score, value) into ``buf`` in place, keeping the K best scores
-        per latent; only the latents that have a candidate better than their current K-th are touched."""
+        per latent. Slots are unordered until :meth:`result`: a candidate that enters takes the slot of an entry it
+        evicts, and only entering candidates have their windows gathered, so the work per batch grows with the
+        candidates, not with latents x K x W."""
         start, keep, slot, f = ctx
         k = buf.score.shape[1]
-        better = score > buf.score[lat, -1]
+        better = score > buf.score.min(dim=1).values[lat]
         lat, brow, score, val = lat[better], brow[better], score[better], val[better]
         if lat.numel() == 0:
             return buf
@@ -178,21 +182,32 @@ class FeatureCollector:
         sel = rank < k
         lat, brow, score, val, rank = lat[sel], brow[sel], score[sel], val[sel], rank[sel]
         touched, u = torch.unique(lat, return_inverse=True)
-        cand = self._empty(len(touched), k, buf.score.dtype)
-        cand.score[u, rank], cand.value[u, rank], cand.row[u, rank] = score, val, brow + start
-        win = brow[:, None] + self.offsets  # batch rows of each window
+        low = -torch.inf if score.dtype.is_floating_point else torch.iinfo(score.dtype).min
+        cand = torch.full((len(touched), k), low, dtype=score.dtype, device=score.device)
+        cand[u, rank] = score
+        best = torch.topk(torch.cat([buf.score[touched], cand], dim=1), k, dim=1).indices  # [T, K]
+        old_kept = torch.zeros(len(touched), k, dtype=torch.int64, device=lat.device)
+        new_in = torch.zeros_like(old_kept)
+        old_kept.scatter_add_(1, best.clamp(max=k - 1), (best < k).long())
+        new_in.scatter_add_(1, (best - k).clamp(min=0), (best >= k).long())
+        evict = (old_kept == 0).nonzero()  # row-major: row t's evicted slots pair with row t's entering candidates
+        enter = (new_in > 0).nonzero()
+        which = torch.full((len(touched), k), -1, dtype=torch.int64, device=lat.device)
+        which[u, rank] = torch.arange(len(lat), device=lat.device)
+        idx = which[enter[:, 0], enter[:, 1]]  # candidates that enter (-1: an empty slot won a tie of empties)
+        t, s = touched[evict[:, 0]], evict[:, 1]
+        if not bool((idx >= 0).all()):
+            empty = idx < 0
+            buf.score[t[empty], s[empty]], buf.row[t[empty], s[empty]] = low, -1
+            t, s, idx = t[~empty], s[~empty], idx[~empty]
+        buf.score[t, s], buf.value[t, s], buf.row[t, s] = score[idx], val[idx], brow[idx] + start
+        win = brow[idx][:, None] + self.offsets  # batch rows of each window
         c = self.context_size
-        inside = (win >= 0) & (win < len(keep)) & ((win + start) // c == ((brow + start) // c)[:, None])
+        inside = (win >= 0) & (win < len(keep)) & ((win + start) // c == ((brow[idx] + start) // c)[:, None])
         win_c = win.clamp(0, len(keep) - 1)
         ok = inside & keep[win_c]
-        cand.window[u, rank] = torch.where(ok, f[slot[win_c].clamp_min(0), lat[:, None]], 0.0)
-        cand.window_row[u, rank] = torch.where(inside, win_c + start, -1)
-        names = ("score", "value", "row", "window", "window_row")
-        both = {a: torch.cat([getattr(buf, a)[touched], getattr(cand, a)], dim=1) for a in names}
-        best = torch.topk(both["score"], k, dim=1).indices
-        for a in names:
-            idx = best if both[a].dim() == 2 else best[..., None].expand(-1, -1, both[a].shape[2])
-            getattr(buf, a)[touched] = both[a].gather(1, idx)
+        buf.window[t, s] = torch.where(ok, f[slot[win_c].clamp_min(0), lat[idx][:, None]], 0.0)
+        buf.window_row[t, s] = torch.where(inside, win_c + start, -1)
         return buf
 
     def result(self, member: int) -> dict:
@@ -206,13 +221,21 @@ class FeatureCollector:
         """
         fired = self.fired[member].cpu().numpy()
         n_tok = self.n_tokens[member]
-        top = self.top_buf[member]
+        top, samples = (_sorted(b) for b in (self.top_buf[member], self.sample_buf[member]))
         out = {"fired": fired, "n_tokens": n_tok, "density": fired / n_tok if n_tok else np.zeros(len(fired)),
                "hist": self.hist[member].cpu().numpy(),
                "max_activation": top.value[:, 0].cpu().numpy()}
-        for name, buf in (("top", top), ("samples", self.sample_buf[member])):
+        for name, buf in (("top", top), ("samples", samples)):
             out[name] = {a: getattr(buf, a).cpu().numpy() for a in ("value", "row", "window", "window_row")}
         return out
+
+
+def _sorted(buf: LatentWindows) -> LatentWindows:
+    """The buffer with each latent's slots sorted by score, best first (empty slots last)."""
+    order = torch.argsort(buf.score, dim=1, descending=True, stable=True)
+    w = order[..., None].expand(-1, -1, buf.window.shape[2])
+    return LatentWindows(buf.score.gather(1, order), buf.value.gather(1, order), buf.row.gather(1, order),
+                         buf.window.gather(1, w), buf.window_row.gather(1, w))
 
 
 def quantile_groups(values: np.ndarray, rows: np.ndarray, n_groups: int = 5) -> list[np.ndarray]:

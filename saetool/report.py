@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from saetool.config import check_device
+from saetool.config import _default_device, check_device
 from saetool.io import load_sae, read_index, write_json
 from saetool.latent_stats import (
     DENSE_THRESHOLD,
@@ -49,10 +49,6 @@ from saetool.metrics import ReconstructionStats
 __all__ = ["REPORT_DIR", "ReportConfig", "evaluate_sweep", "pareto_front", "report_help", "run_report", "write_report"]
 
 REPORT_DIR = "report"
-
-
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @dataclass

@@ -139,3 +139,30 @@ def test_browser_bad_inputs_say_why(tmp_path):
     write_report(tmp_path / "b", model="none", device="cpu", log=lines.append, browser_rows=64)
     members = (tmp_path / "b" / "report" / "browser" / "data" / "members.js").read_text()
     assert "Contexts from the first 64 rows of the store" in members and '"n_tokens": 64' in members
+
+
+def test_foreign_array_sweep_gets_a_browser_page_saying_why(tmp_path, capsys):
+    import zarr
+
+    from saetool.cli import main
+
+    g = zarr.open_group(str(tmp_path / "other.zarr"), mode="w")
+    g.create_array("acts", shape=(256, 4), dtype="float32", chunks=(64, 4))[:] = np.random.default_rng(0).standard_normal(
+        (256, 4)).astype(np.float32)
+    run_sweep(SweepConfig(dataset_dir=str(tmp_path / "other.zarr"), array="acts", output_dir=str(tmp_path / "a"),
+                          batch_size=32, eval_tokens=64, l1_values=[1e-3], ratio=2, device="cpu", report=False),
+              log=quiet)
+    lines = []
+    write_report(tmp_path / "a", device="cpu", log=lines.append)
+    ev = json.loads((tmp_path / "a" / "report" / "evaluation.json").read_text())
+    assert ev["members"][0]["heldout"]["n_tokens"] == 64  # the held-out metrics of the foreign rows
+    why = "the sweep read the foreign array 'acts' of"
+    assert any(line.startswith(f"report: feature browser without contexts: {why}") for line in lines)
+    members = (tmp_path / "a" / "report" / "browser" / "data" / "members.js").read_text()
+    assert why in members and '"members": []' in members
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["export", "neuronpedia", str(tmp_path / "a"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"saetool: error: cannot export to Neuronpedia: {why}")
+    assert err.count("\n") == 1 and not (tmp_path / "a" / "export").exists()

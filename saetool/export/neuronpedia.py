@@ -38,16 +38,13 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from saetool.config import _default_device, check_device
 from saetool.io import load_sae, read_index
 
 __all__ = ["FEATURES_PER_BATCH", "NeuronpediaConfig", "export_neuronpedia", "log_sparsity"]
 
 FEATURES_PER_BATCH = 128
 SPARSITY_FILE = "sparsity.safetensors"
-
-
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @dataclass
@@ -86,8 +83,6 @@ class NeuronpediaConfig:
     """Torch device for the SAEs and the model."""
 
     def validate(self) -> None:
-        from saetool.config import check_device
-
         check_device(self.device)
         if self.browser_rows is not None and self.browser_rows < 1:
             raise ValueError("--browser_rows must be >= 1 (or None for the held-out rows)")

@@ -207,9 +207,11 @@ def evaluate_sweep(cfg: ReportConfig, model=None, log=print, parts: dict | None 
     spliced = [None] * len(saes)
     baselines = None
     n_contexts = 0
+    tried = model is not None
     if store is not None and eval_tokens > 0 and array is None:
         if model is None:
             model = _load_model(cfg, store, log)
+            tried = True
         if model is not None:
             tokens, mask = heldout_contexts(store, eval_tokens, cfg.eval_contexts)
             n_contexts = len(tokens)
@@ -247,7 +249,7 @@ def evaluate_sweep(cfg: ReportConfig, model=None, log=print, parts: dict | None 
         m["pareto_fvu"], m["pareto_ce"] = a, b
     mmcs = mmcs_matrix([s.W_dec for s in saes]) if len(saes) > 1 else torch.ones(1, 1, dtype=torch.float64)
     if parts is not None:
-        parts.update(store=store, saes=saes, hook=hook, rows=rows, model=model, collector=collector)
+        parts.update(store=store, saes=saes, hook=hook, rows=rows, model=model, model_tried=tried, collector=collector)
     spec = store.spec if store is not None else None
     return {
         "sweep": {
@@ -498,12 +500,14 @@ def run_report(cfg: ReportConfig, model=None, log=print) -> Path:
     members = ev["members"]
     images = []
     labels = [_label(sp, m["sweep_value"]) for m in members]
+    from saetool.browser.build import remove_browser, run_browser
+
     ev["browser"] = None
     if cfg.browser:
-        from saetool.browser.build import run_browser
-
         names = [f"{sp} {v}: {m['name']}" for v, m in zip(labels, members)]
         ev["browser"] = run_browser(cfg, parts, folder, names, lambda: _load_model(cfg, parts["store"], log), log)
+    else:
+        remove_browser(folder)  # a browser of an earlier report would no longer match this one
     candidates = [
         ("l0_fvu.png",
          lambda f: _plot_frontier(f, members, lambda m: m["heldout"]["fvu"], "FVU (fraction of variance unexplained)",

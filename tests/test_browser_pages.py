@@ -139,6 +139,9 @@ def test_browser_bad_inputs_say_why(tmp_path):
     write_report(tmp_path / "b", model="none", device="cpu", log=lines.append, browser_rows=64)
     members = (tmp_path / "b" / "report" / "browser" / "data" / "members.js").read_text()
     assert "Contexts from the first 64 rows of the store" in members and '"n_tokens": 64' in members
+    write_report(tmp_path / "b", model="none", device="cpu", log=quiet, browser=False)
+    assert not (tmp_path / "b" / "report" / "browser").exists()
+    assert "browser/index.html" not in (tmp_path / "b" / "report" / "index.html").read_text()
 
 
 def test_foreign_array_sweep_gets_a_browser_page_saying_why(tmp_path, capsys):

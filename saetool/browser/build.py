@@ -90,6 +90,15 @@ def write_member_browser(report_dir: Path, cfg, saes, labels: list[str], results
     return write_browser(report_dir, members, vocab, special, source, notes)
 
 
+def remove_browser(report_dir: Path) -> None:
+    """Delete ``report_dir/browser/`` (a report written with ``--browser False``)."""
+    import shutil
+
+    from saetool.browser.pages import BROWSER_DIR
+
+    shutil.rmtree(Path(report_dir) / BROWSER_DIR, ignore_errors=True)
+
+
 def write_blocked_browser(report_dir: Path, why: str) -> Path:
     """The browser's index page when no context can be shown: it says why (no member pages)."""
     return write_browser(report_dir, [], {}, [], "no contexts", [f"no feature browser: {why}"])
@@ -101,7 +110,8 @@ def run_browser(cfg, parts: dict, report_dir: Path, labels: list[str], load_mode
     Args:
         cfg: the :class:`saetool.report.ReportConfig`.
         parts: what the report's evaluation loaded: ``store``, ``saes``, ``hook``, ``rows`` (held-out rows or None),
-            ``collector`` (filled during the held-out pass, or None) and ``model`` (or None).
+            ``collector`` (filled during the held-out pass, or None), ``model`` (or None) and ``model_tried``
+            (whether loading it was already tried).
         labels: one label per member; load_model: a callable returning the model or None (called only when
             ``parts`` has none); log: progress lines.
     """
@@ -124,7 +134,7 @@ def run_browser(cfg, parts: dict, report_dir: Path, labels: list[str], load_mode
         write_blocked_browser(report_dir, why)
         log(f"report: feature browser without contexts: {why}")
         return f"no contexts: {why}"
-    model = parts.get("model") or load_model()
+    model = parts.get("model") if parts.get("model_tried") else load_model()
     results = collect_results(collector, store, len(saes))
     page = write_member_browser(report_dir, cfg, saes, labels, results, hook, model, source, [])
     log(f"report: feature browser {page}")

@@ -13,8 +13,8 @@ held-out rows by default):
   distribution. SAEDashboard instead samples equal-width intervals of ``[0, max]``; those need the final maximum
   before the pass (a second pass), which this one-pass, bounded-memory form avoids;
 * **activation histogram**: counts of the firing activations in the fixed bins of :data:`HIST_EDGES`
-  (``log10 f`` from -3 to 3 in steps of 0.1; bin 0 counts ``f < 1e-3``, the last bin ``f >= 1e3``), the same
-  edges for every latent;
+  (``log10 f`` from -3 to 3 in steps of 0.1: bin ``clamp(floor(10 (log10 f + 3)) + 1, 0, 61)``, so bin 0 counts
+  ``f < 1e-3`` and bin 61 ``f >= 1e3``), the same edges for every latent;
 * **firing density**: the fraction of evaluated (kept) tokens on which ``f_i != 0`` (the convention of
   :class:`saetool.metrics.FiringCounter`, so it equals the report's density).
 
@@ -118,7 +118,6 @@ class FeatureCollector:
         self.hist = [torch.zeros(n, n_bins, dtype=torch.int64, device=self.device) for n in self.n_latents]
         self.fired = [torch.zeros(n, dtype=torch.int64, device=self.device) for n in self.n_latents]
         self.n_tokens = [0] * len(self.n_latents)
-        self._edges = torch.tensor(HIST_EDGES, dtype=torch.float64, device=self.device)
 
     def _empty(self, n: int, k: int, score_dtype: torch.dtype) -> LatentWindows:
         w = len(self.offsets)
@@ -150,19 +149,21 @@ class FeatureCollector:
         nz = f.nonzero()  # [nnz, 2]: (row of f, latent)
         if nz.numel() == 0:
             return
-        kept_rows = keep.nonzero()[:, 0]
-        brow, lat = kept_rows[nz[:, 0]], nz[:, 1]  # batch row, latent
+        lat = nz[:, 1]
         val = f[nz[:, 0], lat]
         self.fired[member] += torch.bincount(lat, minlength=n)
         n_bins = self.hist[member].shape[1]
-        b = torch.bucketize(torch.log10(val.clamp_min(1e-30).double()), self._edges, right=True)
-        self.hist[member] += torch.bincount(lat * n_bins + b, minlength=n * n_bins).reshape(n, n_bins)
-        pos = val > 0
+        b = (torch.floor(10 * (torch.log10(val.clamp_min(1e-30).double()) - HIST_EDGES[0])) + 1).clamp(0, n_bins - 1)
+        self.hist[member] += torch.bincount(lat * n_bins + b.long(), minlength=n * n_bins).reshape(n, n_bins)
+        brow = keep.nonzero()[:, 0][nz[:, 0]]  # batch row of each non-zero
+        if bool((val < 0).any()):  # no architecture has negative activations; they never enter the buffers
+            pos = (val > 0).nonzero()[:, 0]
+            lat, brow, val = lat[pos], brow[pos], val[pos]
         ctx = (start, keep, slot, f)
-        self.top_buf[member] = self._merge(self.top_buf[member], lat[pos], brow[pos], val[pos], val[pos], ctx)
+        self.top_buf[member] = self._merge(self.top_buf[member], lat, brow, val, val, ctx)
         if self.samples:
-            key = sample_keys(brow[pos] + start, lat[pos], self.seed)
-            self.sample_buf[member] = self._merge(self.sample_buf[member], lat[pos], brow[pos], -key, val[pos], ctx)
+            key = sample_keys(brow + start, lat, self.seed)
+            self.sample_buf[member] = self._merge(self.sample_buf[member], lat, brow, -key, val, ctx)
 
     def _merge(self, buf: LatentWindows, lat: Tensor, brow: Tensor, score: Tensor, val: Tensor, ctx) -> LatentWindows:
         """Merge the candidates (latent, batch row, score, value) into ``buf`` in place, keeping the K best scores
@@ -171,15 +172,15 @@ class FeatureCollector:
         candidates, not with latents x K x W."""
         start, keep, slot, f = ctx
         k = buf.score.shape[1]
-        better = score > buf.score.min(dim=1).values[lat]
-        lat, brow, score, val = lat[better], brow[better], score[better], val[better]
-        if lat.numel() == 0:
+        better = (score > buf.score.min(dim=1).values[lat]).nonzero()[:, 0]  # indices, not a mask: fewer passes
+        if better.numel() == 0:
             return buf
+        lat, brow, score, val = lat[better], brow[better], score[better], val[better]
         order = torch.argsort(score, descending=True, stable=True)
         order = order[torch.argsort(lat[order], stable=True)]  # by latent, best first within a latent
         lat, brow, score, val = lat[order], brow[order], score[order], val[order]
         rank = torch.arange(len(lat), device=lat.device) - torch.searchsorted(lat, lat)
-        sel = rank < k
+        sel = (rank < k).nonzero()[:, 0]
         lat, brow, score, val, rank = lat[sel], brow[sel], score[sel], val[sel], rank[sel]
         touched, u = torch.unique(lat, return_inverse=True)
         low = -torch.inf if score.dtype.is_floating_point else torch.iinfo(score.dtype).min

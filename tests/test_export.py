@@ -154,3 +154,14 @@ def tiny_model_id(index):
     from pathlib import Path
 
     return Path(ActivationStore.open(index["store"]["path"]).spec.model).name.lower().replace("_", "-")
+
+
+def test_export_cli_errors(tmp_path, capsys):
+    for argv, message in ((["export"], "saetool export needs a format: neuronpedia or sparsify (saetool export FORMAT OUTPUT_DIR)"),
+                          (["export", "csv", str(tmp_path)], "saetool export needs a format: neuronpedia or sparsify (saetool export FORMAT OUTPUT_DIR)"),
+                          (["export", "sparsify", str(tmp_path)], f"{tmp_path} is not a finished sweep (no sweep.json)"),
+                          (["export", "neuronpedia", str(tmp_path), "--browser_logits", "30"],
+                           "--browser_logits must be in 0..20 (Neuronpedia shows at most 20)")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and capsys.readouterr().err == f"saetool: error: {message}\n"

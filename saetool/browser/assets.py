@@ -99,11 +99,13 @@ function ctx(w,max){var h='<div class="ctx"><span class="val">'+fmt(w.value)+'</
     h+='<span class="'+cls+'" title="'+esc(t)+'" style="background:rgba(255,120,0,'+a.toFixed(3)+')">'+esc(tok(id))+'</span>';});
   return h+'</div>';}
 function hist(r){var E=state.members.hist_edges,c=r.hist.counts;if(!c.length)return '<p>never fired</p>';
-  var w=Math.max(4,Math.floor(420/c.length)),H=110,mx=Math.max.apply(null,c),s='<svg width="'+(w*c.length+10)+'" height="'+(H+30)+'" role="img">';
+  var w=Math.max(4,Math.floor(420/c.length)),H=110,mx=Math.max.apply(null,c),s='<svg width="'+(w*c.length+10)+'" height="'+(H+34)+'" role="img">';
   c.forEach(function(v,j){var h=Math.round(H*v/mx),b=r.hist.first+j,lo=b===0?'-inf':E[b-1],hi=b>=E.length?'inf':E[b];
     s+='<rect x="'+(j*w)+'" y="'+(H-h)+'" width="'+(w-1)+'" height="'+h+'" fill="#5b8db8"><title>log10 activation ['+lo+', '+hi+'): '+v+'</title></rect>';});
   var b0=r.hist.first,b1=r.hist.first+c.length;
-  s+='<text x="0" y="'+(H+16)+'" font-size="11">'+(b0===0?'<1e-3':'1e'+E[b0-1])+'</text><text x="'+(w*c.length-40)+'" y="'+(H+16)+'" font-size="11">'+(b1>E.length?'>1e3':'1e'+E[b1-1])+'</text></svg>';
+  s+='<text x="0" y="'+(H+16)+'" font-size="11">'+(b0===0?'<0.001':fmt(Math.pow(10,E[b0-1])))+'</text><text x="'+(w*c.length)+
+    '" y="'+(H+16)+'" font-size="11" text-anchor="end">'+(b1>E.length?'>1000':fmt(Math.pow(10,E[b1-1])))+'</text>'+
+    '<text x="'+(w*c.length/2)+'" y="'+(H+28)+'" font-size="11" text-anchor="middle">activation (log scale)</text></svg>';
   return s;}
 function logitTable(r,key,title){if(!r.logits)return '';var h='<table><tr><th class="l">'+title+'</th><th>W_dec·W_U</th></tr>';
   r.logits[key].forEach(function(p){h+='<tr><td class="l">'+esc(tok(p[0]))+'</td><td>'+fmt(p[1])+'</td></tr>';});return h+'</table>';}

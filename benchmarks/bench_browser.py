@@ -1,6 +1,6 @@
 """Cost of the feature browser's collection pass vs the held-out evaluation pass it extends (a script, not a test).
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_browser.py                       # ~6 min on a 2-core CPU
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_browser.py --rows 8192,32768 --skip_alone   # ~15 min, CPU
     .venv/bin/python benchmarks/bench_browser.py --rows 1000000 --device cuda            # the issue's full size
 
 Issue 12 item 4: collecting for 16 members x 4,608 latents over 1M rows must cost at most the held-out
@@ -14,9 +14,9 @@ evaluation pass plus 50%. Both passes run here side by side, on the same store a
 
 Data: a synthetic store (float16, context 128, Gaussian rows of width ``--d_in``) and ``--members`` random ReLU
 SAEs of ``--d_sae`` latents with unit encoder columns and biases from -2.2 to -3.0 (densities ~0.1-1.4%, L0
-~6-65, the range of the demo's members). Rows default to 16,384 and 65,536 (a 2-core CPU encodes ~1k rows/s for
-16 x 4,608 latents; 1M rows would take hours), so the trend shows how the ratio moves with rows: the collector
-merges fewer candidates per row as its thresholds rise. Prints a Markdown table; JSON in --out.
+~6-64). Rows default to 16,384 and 65,536 (the shared 2-core CPU evaluated 100-200 rows/s for 16 x 4,608
+latents, so 1M rows would take hours), so the trend shows how the ratio moves with rows: the collector merges fewer
+candidates per row as its thresholds rise. Prints a Markdown table; JSON in --out.
 """
 
 from __future__ import annotations

@@ -73,7 +73,7 @@ def test_top_and_samples_equal_brute_force(tmp_path, batch_rows):
         assert res["n_tokens"] == msk.sum() == 69
         assert res["fired"].tolist() == [int(((f[:, i] != 0) & msk).sum()) for i in range(d_sae)]
         top = brute_force(f, msk, ctx, rows[0], 3, 2, 4, f)
-        keys = sample_keys(torch.arange(rows[0], rows[1])[:, None], torch.arange(d_sae)[None]).numpy()
+        keys = np.repeat(sample_keys(torch.arange(rows[0], rows[1])).numpy()[:, None], d_sae, axis=1)
         samples = brute_force(f, msk, ctx, rows[0], 3, 2, 6, -keys)
         for name, expect in (("top", top), ("samples", samples)):
             got = res[name]

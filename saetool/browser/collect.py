@@ -7,7 +7,7 @@ held-out rows by default):
   its context window, ``before`` tokens before and ``after`` tokens after the position, clipped to the position's
   context and to the evaluated rows, and the latent's activation at every token of the window;
 * **quantile samples**: a uniform random sample of ``samples`` firing positions (the ``samples`` firing positions
-  with the smallest :func:`sample_keys`, a fixed hash of (row, latent): reproducible, and one pass suffices), with
+  with the smallest :func:`sample_keys`, a fixed hash of the row: reproducible, and one pass suffices), with
   their windows; :func:`quantile_groups` sorts them by activation and splits them into groups (the lowest fifth,
   the next fifth, ...), so each group shows contexts from one quantile band of the latent's activation
   distribution. SAEDashboard instead samples equal-width intervals of ``[0, max]``; those need the final maximum
@@ -46,15 +46,16 @@ _INT64_MAX = torch.iinfo(torch.int64).max
 _M32 = 0xFFFFFFFF
 
 
-def sample_keys(rows: Tensor, latents: Tensor, seed: int = 0) -> Tensor:
-    """The random key of each (row, latent) pair: int64 in ``[0, 2**62)``, a fixed function of its inputs.
+def sample_keys(rows: Tensor, seed: int = 0) -> Tensor:
+    """The random key of each store row: int64 in ``[0, 2**62)``, a fixed function of the row and ``seed``.
 
     The high 32 bits are a 32-bit integer hash (the "lowbias32" mixer: xor-shift 16, multiply 0x7feb352d,
-    xor-shift 15, multiply 0x846ca68b, xor-shift 16) of ``row * 0x9E3779B1 + latent * 0x85EBCA77 + seed``; the low
-    30 bits are ``row mod 2**30``, which breaks ties between equal hashes. The firing positions with the smallest
-    keys form a uniform random sample of the firing positions. ``rows``, ``latents``: int64 tensors of one shape.
+    xor-shift 15, multiply 0x846ca68b, xor-shift 16) of ``row * 0x9E3779B1 + seed``; the low 30 bits are
+    ``row mod 2**30``, which breaks ties between equal hashes. For every latent, its firing positions with the
+    smallest keys form a uniform random sample of its firing positions (the keys are independent of the latent, so
+    one key per row serves every latent and one dense comparison finds the candidates).
     """
-    x = (rows.to(torch.int64) * 0x9E3779B1 + latents.to(torch.int64) * 0x85EBCA77 + int(seed)) & _M32
+    x = (rows.to(torch.int64) * 0x9E3779B1 + int(seed)) & _M32
     x = ((x ^ (x >> 16)) * 0x7FEB352D) & _M32
     x = ((x ^ (x >> 15)) * 0x846CA68B) & _M32
     x = x ^ (x >> 16)
@@ -155,15 +156,24 @@ class FeatureCollector:
         n_bins = self.hist[member].shape[1]
         b = (torch.floor(10 * (torch.log10(val.clamp_min(1e-30).double()) - HIST_EDGES[0])) + 1).clamp(0, n_bins - 1)
         self.hist[member] += torch.bincount(lat * n_bins + b.long(), minlength=n * n_bins).reshape(n, n_bins)
-        brow = keep.nonzero()[:, 0][nz[:, 0]]  # batch row of each non-zero
-        if bool((val < 0).any()):  # no architecture has negative activations; they never enter the buffers
-            pos = (val > 0).nonzero()[:, 0]
-            lat, brow, val = lat[pos], brow[pos], val[pos]
+        kept_rows = keep.nonzero()[:, 0]  # batch row of each row of f
         ctx = (start, keep, slot, f)
-        self.top_buf[member] = self._merge(self.top_buf[member], lat, brow, val, val, ctx)
+        # Dense prefilters: only positions that beat a latent's current K-th entry become candidates, so once the
+        # buffers are full a batch yields few candidates (activations are >= 0 for every architecture).
+        top = self.top_buf[member]
+        cand = (f > top.score.min(dim=1).values.clamp_min(0)).nonzero()
+        if cand.numel():
+            v = f[cand[:, 0], cand[:, 1]]
+            self._merge(top, cand[:, 1], kept_rows[cand[:, 0]], v, v, ctx)
         if self.samples:
-            key = sample_keys(brow + start, lat, self.seed)
-            self.sample_buf[member] = self._merge(self.sample_buf[member], lat, brow, -key, val, ctx)
+            smp = self.sample_buf[member]
+            row_score = -sample_keys(kept_rows + start, self.seed)  # [n_kept]: higher = earlier in the sample
+            low = smp.score.min(dim=1).values
+            rows = (row_score > low.min()).nonzero()[:, 0]
+            cand = ((f[rows] > 0) & (row_score[rows, None] > low)).nonzero()
+            if cand.numel():
+                r = rows[cand[:, 0]]
+                self._merge(smp, cand[:, 1], kept_rows[r], row_score[r], f[r, cand[:, 1]], ctx)
 
     def _merge(self, buf: LatentWindows, lat: Tensor, brow: Tensor, score: Tensor, val: Tensor, ctx) -> LatentWindows:
         """Merge the candidates (latent, batch row, score, value) into ``buf`` in place, keeping the K best scores

@@ -158,22 +158,19 @@ class FeatureCollector:
         self.hist[member] += torch.bincount(lat * n_bins + b.long(), minlength=n * n_bins).reshape(n, n_bins)
         kept_rows = keep.nonzero()[:, 0]  # batch row of each row of f
         ctx = (start, keep, slot, f)
-        # Dense prefilters: only positions that beat a latent's current K-th entry become candidates, so once the
-        # buffers are full a batch yields few candidates (activations are >= 0 for every architecture).
+        # Prefilters on the non-zeros: only positions that beat their latent's current K-th entry become candidates,
+        # so once the buffers are full a batch yields few candidates (activations are >= 0 for every architecture).
         top = self.top_buf[member]
-        cand = (f > top.score.min(dim=1).values.clamp_min(0)).nonzero()
-        if cand.numel():
-            v = f[cand[:, 0], cand[:, 1]]
-            self._merge(top, cand[:, 1], kept_rows[cand[:, 0]], v, v, ctx)
+        sel = (val > top.score.min(dim=1).values.clamp_min(0)[lat]).nonzero()[:, 0]
+        if sel.numel():
+            self._merge(top, lat[sel], kept_rows[nz[sel, 0]], val[sel], val[sel], ctx)
         if self.samples:
             smp = self.sample_buf[member]
             row_score = -sample_keys(kept_rows + start, self.seed)  # [n_kept]: higher = earlier in the sample
-            low = smp.score.min(dim=1).values
-            rows = (row_score > low.min()).nonzero()[:, 0]
-            cand = ((f[rows] > 0) & (row_score[rows, None] > low)).nonzero()
-            if cand.numel():
-                r = rows[cand[:, 0]]
-                self._merge(smp, cand[:, 1], kept_rows[r], row_score[r], f[r, cand[:, 1]], ctx)
+            sel = (row_score[nz[:, 0]] > smp.score.min(dim=1).values[lat]).nonzero()[:, 0]
+            if sel.numel():
+                r = nz[sel, 0]
+                self._merge(smp, lat[sel], kept_rows[r], row_score[r], val[sel], ctx)
 
     def _merge(self, buf: LatentWindows, lat: Tensor, brow: Tensor, score: Tensor, val: Tensor, ctx) -> LatentWindows:
         """Merge the candidates (latent, batch row, score, value) into ``buf`` in place, keeping the K best scores

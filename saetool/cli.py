@@ -35,6 +35,31 @@ def report(output_dir=None, **flags):
     run_report(build(ReportConfig, flags))
 
 
+EXPORTS = {"neuronpedia": ("saetool.export.neuronpedia", "NeuronpediaConfig", "export_neuronpedia"),
+           "sparsify": ("saetool.export.sparsify", "SparsifyConfig", "export_sparsify")}
+
+
+def export(kind=None, output_dir=None, **flags):
+    import importlib
+
+    if kind not in EXPORTS:
+        raise ValueError(f"saetool export needs a format: {' or '.join(EXPORTS)} (saetool export FORMAT OUTPUT_DIR)")
+    module, cls, fn = EXPORTS[kind]
+    module = importlib.import_module(module)
+    if output_dir is not None:
+        flags["output_dir"] = output_dir
+    getattr(module, fn)(build(getattr(module, cls), flags))
+
+
+def _export_help() -> str:
+    import importlib
+
+    parts = []
+    for kind, (module, cls, _) in EXPORTS.items():
+        parts.append(f"saetool export {kind} OUTPUT_DIR:\n" + help_text(getattr(importlib.import_module(module), cls)))
+    return "\n\n".join(parts)
+
+
 def _report_help() -> str:
     from saetool.report import report_help
 
@@ -47,7 +72,12 @@ report.__doc__ = ("Evaluate a finished sweep (held-out metrics, spliced CE/KL, d
                   "index.html.\n\nUsage: saetool report OUTPUT_DIR [flags]\n\nFlags:\n" + _report_help())
 
 
-POSITIONALS = {"report": 1}  # commands that take positional arguments (saetool report OUTPUT_DIR)
+export.__doc__ = ("Export a finished sweep: `neuronpedia` writes Neuronpedia's bulk-import layout and SAELens' "
+                  "sparsity.safetensors beside each member; `sparsify` writes sparsify's cfg.json + sae.safetensors per "
+                  "hookpoint.\n\nUsage: saetool export FORMAT OUTPUT_DIR [flags]\n\n" + _export_help())
+
+
+POSITIONALS = {"report": 1, "export": 2}  # commands that take positional arguments (saetool report OUTPUT_DIR)
 
 
 def _refuse_stray_arguments(fn, argv: list[str]) -> None:
@@ -101,7 +131,7 @@ def run_cli(fn, argv: list[str] | None = None, name: str = "saetool") -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_cli({"generate": generate, "sweep": sweep, "report": report}, argv)
+    run_cli({"generate": generate, "sweep": sweep, "report": report, "export": export}, argv)
 
 
 if __name__ == "__main__":

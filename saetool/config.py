@@ -456,13 +456,24 @@ def build(cls, kwargs: dict):
     return cfg
 
 
+def readme_tables() -> list[tuple[type, str]]:
+    """(config class, README heading) of every flag table in README.md."""
+    from saetool.export.neuronpedia import NeuronpediaConfig
+    from saetool.export.sparsify import SparsifyConfig
+    from saetool.report import ReportConfig
+
+    return [(GenerateConfig, "### `saetool generate` flags"), (SweepConfig, "### `saetool sweep` flags"),
+            (ReportConfig, "### `saetool report` flags"), (NeuronpediaConfig, "### `saetool export neuronpedia` flags"),
+            (SparsifyConfig, "### `saetool export sparsify` flags")]
+
+
 def update_readme_flags(path: str = "README.md") -> None:
-    """Rewrite the flag tables under "### `saetool generate` flags" / "### `saetool sweep` flags" in `path`."""
+    """Rewrite the flag table under each heading of `readme_tables()` in `path`."""
     import pathlib
 
     readme = pathlib.Path(path)
     text = readme.read_text()
-    for cls, heading in ((GenerateConfig, "### `saetool generate` flags"), (SweepConfig, "### `saetool sweep` flags")):
+    for cls, heading in readme_tables():
         start = text.index("| flag | default | meaning |", text.index(heading))
         end = text.index("\n\n", start)
         text = text[:start] + markdown_flags(cls) + text[end:]

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from saetool.config import check_device
+from saetool.config import _default_device, check_device
 from saetool.io import load_sae, read_index, write_json
 from saetool.latent_stats import (
     DENSE_THRESHOLD,
@@ -49,10 +49,6 @@ from saetool.metrics import ReconstructionStats
 __all__ = ["REPORT_DIR", "ReportConfig", "evaluate_sweep", "pareto_front", "report_help", "run_report", "write_report"]
 
 REPORT_DIR = "report"
-
-
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @dataclass
@@ -75,6 +71,22 @@ class ReportConfig:
     """dtype the model runs in: float32, bfloat16 or float16."""
     dense_threshold: float = DENSE_THRESHOLD
     """A latent is dense when it fires on more than this fraction of held-out tokens."""
+    browser: bool = True
+    """Write the feature browser (report/browser/): per member and latent, top contexts, quantile samples, histogram, logit effects."""
+    browser_rows: int | None = None
+    """Browser contexts from the first N rows of the store (training rows, a separate pass) instead of the held-out rows."""
+    browser_top: int = 20
+    """Top-activating positions shown per latent."""
+    browser_samples: int = 25
+    """Random firing positions kept per latent, shown in 5 activation-quantile groups."""
+    browser_before: int = 12
+    """Context tokens shown before each position."""
+    browser_after: int = 4
+    """Context tokens shown after each position."""
+    browser_max_latents: int = 16384
+    """Page budget: latents per member in the browser (a wider member shows its first N, with a note)."""
+    browser_logits: int = 10
+    """Promoted and suppressed tokens per latent (W_dec @ W_U, residual-stream hooks only; 0: none)."""
 
     def validate(self) -> None:
         check_device(self.device)
@@ -86,6 +98,14 @@ class ReportConfig:
             raise ValueError("--eval_contexts must be >= 1 (or None for all)")
         if not 0 <= self.dense_threshold <= 1:
             raise ValueError("--dense_threshold must be in [0, 1]")
+        if self.browser_rows is not None and self.browser_rows < 1:
+            raise ValueError("--browser_rows must be >= 1 (or None for the held-out rows)")
+        for name in ("browser_top", "browser_max_latents"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1")
+        for name in ("browser_samples", "browser_before", "browser_after", "browser_logits"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be >= 0")
 
 
 def pareto_front(x, y) -> list[bool]:
@@ -113,23 +133,14 @@ def pareto_front(x, y) -> list[bool]:
 # ------------------------------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def _heldout_stats(saes, store, hook: str, rows: tuple[int, int], device: str, batch_rows: int = 2048,
+def _heldout_stats(saes, store, hook: str, rows: tuple[int, int], device: str, collector=None,
                    target: str | None = None) -> list[dict]:
-    """Reconstruction statistics of every member on the held-out rows; transcoders (target: their output hook)
-    are scored on their prediction of the target rows."""
+    """Reconstruction stats of every SAE on the kept rows ``rows`` (transcoders, target: their output hook, scored
+    on their prediction of it); the same encode feeds the browser's collector."""
+    from saetool.browser.collect import encode_pass
+
     stats = [ReconstructionStats(1, s.d_out, s.d_sae, device=device) for s in saes]
-    mask = store.read_mask(*rows)
-    for start in range(rows[0], rows[1], batch_rows):
-        stop = min(start + batch_rows, rows[1])
-        keep = torch.from_numpy(mask[start - rows[0]:stop - rows[0]])
-        if not keep.any():
-            continue
-        x = store.read_rows(hook, start, stop, torch.float32)[keep].to(device)
-        y = x if target is None else store.read_rows(target, start, stop, torch.float32)[keep].to(device)
-        for s, st in zip(saes, stats):
-            f = s.encode(x)
-            st.update(y, (s.decode(f) if target is None else s(x)).to(x.dtype)[None], f[None])
+    encode_pass(saes, store, hook, rows, device, stats=stats, collector=collector, target=target)
     return [st.compute() if st.n_tokens else None for st in stats]
 
 
@@ -149,7 +160,7 @@ def _load_model(cfg: ReportConfig, store, log):
         return None
 
 
-def evaluate_sweep(cfg: ReportConfig, model=None, log=print) -> dict:
+def evaluate_sweep(cfg: ReportConfig, model=None, log=print, parts: dict | None = None) -> dict:
     """Compute every number of the report for the sweep in ``cfg.output_dir``.
 
     Args:
@@ -157,6 +168,9 @@ def evaluate_sweep(cfg: ReportConfig, model=None, log=print) -> dict:
         model: an already loaded ``TransformerBridge`` for the spliced evaluation (then ``cfg.model`` is ignored);
             None loads ``cfg.model`` / the store's model.
         log: callable for progress lines.
+        parts: a dict to fill with what was loaded and collected, for the browser: ``store``, ``saes``, ``hook``,
+            ``rows`` (held-out rows or None), ``model`` (or None) and ``collector`` (with ``cfg.browser``, a store
+            with token ids and held-out rows: filled in the same pass as the held-out metrics; else None).
 
     Returns:
         A JSON-ready dict: ``sweep`` (facts about the run), ``baselines`` (clean / zero / mean-ablation CE and
@@ -177,7 +191,14 @@ def evaluate_sweep(cfg: ReportConfig, model=None, log=print) -> dict:
     target = (saes[0].cfg.get("metadata") or {}).get("hook_name_out") if saes[0].transcoder else None
     eval_tokens = int(index.get("config", {}).get("eval_tokens", 0) or 0)
     store_path = cfg.dataset_dir or index.get("store", {}).get("path")
-    store = ActivationStore.open(store_path) if store_path else None
+    array = index.get("config", {}).get("array")
+    store = ActivationStore.open(store_path, array=array) if store_path else None
+    collector = None
+    if cfg.browser and cfg.browser_rows is None and store is not None and eval_tokens > 0:
+        from saetool.browser.build import browser_blocker, make_collector
+
+        if browser_blocker(store) is None:
+            collector = make_collector(cfg, saes, store, cfg.device)
 
     t0 = time.perf_counter()
     heldout = [None] * len(saes)
@@ -185,13 +206,15 @@ def evaluate_sweep(cfg: ReportConfig, model=None, log=print) -> dict:
     if store is not None and eval_tokens > 0:
         n = store.spec.n_rows
         rows = (n - eval_tokens, n)
-        heldout = _heldout_stats(saes, store, hook, rows, cfg.device, target=target)
+        heldout = _heldout_stats(saes, store, hook, rows, cfg.device, collector, target=target)
     spliced = [None] * len(saes)
     baselines = None
     n_contexts = 0
-    if store is not None and eval_tokens > 0:
+    tried = model is not None
+    if store is not None and eval_tokens > 0 and array is None:
         if model is None:
             model = _load_model(cfg, store, log)
+            tried = True
         if model is not None:
             tokens, mask = heldout_contexts(store, eval_tokens, cfg.eval_contexts)
             n_contexts = len(tokens)
@@ -229,6 +252,8 @@ def evaluate_sweep(cfg: ReportConfig, model=None, log=print) -> dict:
     for m, a, b in zip(members, pareto_front(l0, fvu), pareto_front(l0, [-v for v in ce])):
         m["pareto_fvu"], m["pareto_ce"] = a, b
     mmcs = mmcs_matrix([s.W_dec for s in saes]) if len(saes) > 1 else torch.ones(1, 1, dtype=torch.float64)
+    if parts is not None:
+        parts.update(store=store, saes=saes, hook=hook, rows=rows, model=model, model_tried=tried, collector=collector)
     spec = store.spec if store is not None else None
     return {
         "sweep": {
@@ -418,6 +443,10 @@ def _html(ev: dict, images: list[tuple[Path, str]]) -> str:
             "<th>dense</th><th>decoder norm mean (min–max)</th><th>spliced CE</th><th>ΔCE</th><th>CE recovered</th>"
             "<th>KL</th><th>Pareto</th><th class=\"l\">folder</th></tr>")
     figs = "\n".join(_img(path, cap) for path, cap in images)
+    browser = "" if ev.get("browser") is None else (
+        f'<h2>Feature browser</h2><p><a href="browser/index.html">Open the feature browser</a>: every member\'s '
+        f"latents, their top-activating contexts, quantile samples, activation histograms and logit effects. "
+        f"{esc(ev['browser'])}</p>")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>saetool sweep report: {esc(str(sw['output_dir']))}</title><style>{_CSS}</style></head>
@@ -436,7 +465,7 @@ KL(p<sub>clean</sub> ‖ p<sub>spliced</sub>).</dd>
 <dt>Pareto</dt><dd>on the L0/FVU front (no member has both lower L0 and lower FVU) or the L0/CE-recovered front.
 Highlighted rows are on at least one front.</dd>
 </dl>
-<h2>Plots</h2>
+{browser}<h2>Plots</h2>
 {figs}
 <script>{_SCRIPT}</script>
 </body></html>
@@ -448,7 +477,8 @@ def write_report(output_dir: str | Path, model=None, log=print, **flags) -> Path
 
     Args:
         output_dir: a finished sweep folder.
-        model: optional loaded ``TransformerBridge`` for the spliced evaluation (default: load the store's model).
+        model: optional loaded ``TransformerBridge`` for the spliced evaluation (default: load the store's model);
+            a string is the ``model`` flag (a name, or "none").
         log: callable for progress lines.
         **flags: other :class:`ReportConfig` fields (``device``, ``eval_contexts``, ``batch_size``, ``model`` as a
             name or "none", ``dataset_dir``, ...).
@@ -458,6 +488,8 @@ def write_report(output_dir: str | Path, model=None, log=print, **flags) -> Path
     """
     from saetool.config import build
 
+    if isinstance(model, str):  # a model name or "none" is the --model flag
+        flags["model"], model = model, None
     cfg = build(ReportConfig, {"output_dir": str(output_dir), **flags})
     return run_report(cfg, model=model, log=log)
 
@@ -465,13 +497,22 @@ def write_report(output_dir: str | Path, model=None, log=print, **flags) -> Path
 def run_report(cfg: ReportConfig, model=None, log=print) -> Path:
     """:func:`write_report` for a built :class:`ReportConfig`."""
     cfg.validate()
-    ev = evaluate_sweep(cfg, model=model, log=log)
+    parts: dict = {}
+    ev = evaluate_sweep(cfg, model=model, log=log, parts=parts)
     folder = Path(cfg.output_dir) / REPORT_DIR
     folder.mkdir(parents=True, exist_ok=True)
     sp = ev["sweep"]["sweep_param"]
     members = ev["members"]
     images = []
     labels = [_label(sp, m["sweep_value"]) for m in members]
+    from saetool.browser.build import remove_browser, run_browser
+
+    ev["browser"] = None
+    if cfg.browser:
+        names = [f"{sp} {v}: {m['name']}" for v, m in zip(labels, members)]
+        ev["browser"] = run_browser(cfg, parts, folder, names, lambda: _load_model(cfg, parts["store"], log), log)
+    else:
+        remove_browser(folder)  # a browser of an earlier report would no longer match this one
     candidates = [
         ("l0_fvu.png",
          lambda f: _plot_frontier(f, members, lambda m: m["heldout"]["fvu"], "FVU (fraction of variance unexplained)",

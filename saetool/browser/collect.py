@@ -1,0 +1,278 @@
+"""One streaming pass that collects what the feature browser shows for every member and latent.
+
+For each member of a sweep and each latent ``i`` (of the first ``n_latents``), over the evaluated rows (the store's
+held-out rows by default):
+
+* **top activations**: the ``top`` positions with the largest activation ``f_i > 0`` (ties: any order), each with
+  its context window, ``before`` tokens before and ``after`` tokens after the position, clipped to the position's
+  context and to the evaluated rows, and the latent's activation at every token of the window;
+* **quantile samples**: a uniform random sample of ``samples`` firing positions (the ``samples`` firing positions
+  with the smallest :func:`sample_keys`, a fixed hash of the row: reproducible, and one pass suffices), with
+  their windows; :func:`quantile_groups` sorts them by activation and splits them into groups (the lowest fifth,
+  the next fifth, ...), so each group shows contexts from one quantile band of the latent's activation
+  distribution. SAEDashboard instead samples equal-width intervals of ``[0, max]``; those need the final maximum
+  before the pass (a second pass), which this one-pass, bounded-memory form avoids;
+* **activation histogram**: counts of the firing activations in the fixed bins of :data:`HIST_EDGES`
+  (``log10 f`` from -3 to 3 in steps of 0.1: bin ``clamp(floor(10 (log10 f + 3)) + 1, 0, 61)``, so bin 0 counts
+  ``f < 1e-3`` and bin 61 ``f >= 1e3``), the same edges for every latent;
+* **firing density**: the fraction of evaluated (kept) tokens on which ``f_i != 0`` (the convention of
+  :class:`saetool.metrics.FiringCounter`, so it equals the report's density).
+
+Positions the store masks out (BOS, separators, padding) are never encoded or counted; inside a window they show
+activation 0 and ``kept`` False. Memory per member: ``n_latents * (top + samples) * (before + 1 + after)`` float32
+window values plus small per-latent arrays (``O(members x latents x N)``; no activation is kept beyond its batch).
+The buffers are merged per batch from the batch's non-zero activations only (sparse); slots stay unordered until
+the end and only candidates that enter a buffer have their window gathered, so once the buffers are full the extra
+work per batch grows with the firings that beat a latent's current K-th entry (about ``K ln(firings / K)`` per
+latent over a whole pass), not with ``tokens x latents``.
+
+Token ids of the windows are read from the store's ``tokens`` array once, after the pass, for the contexts that
+the kept windows reference.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["HIST_EDGES", "FeatureCollector", "LatentWindows", "context_batches", "quantile_groups", "sample_keys"]
+
+HIST_EDGES = np.round(np.linspace(-3.0, 3.0, 61), 10)  # log10 activation; 60 bins + under/overflow bins
+_INT64_MAX = torch.iinfo(torch.int64).max
+_M32 = 0xFFFFFFFF
+
+
+def sample_keys(rows: Tensor, seed: int = 0) -> Tensor:
+    """The random key of each store row: int64 in ``[0, 2**62)``, a fixed function of the row and ``seed``.
+
+    The high 32 bits are a 32-bit integer hash (the "lowbias32" mixer: xor-shift 16, multiply 0x7feb352d,
+    xor-shift 15, multiply 0x846ca68b, xor-shift 16) of ``row * 0x9E3779B1 + seed``; the low 30 bits are
+    ``row mod 2**30``, which breaks ties between equal hashes. For every latent, its firing positions with the
+    smallest keys form a uniform random sample of its firing positions (the keys are independent of the latent, so
+    one key per row serves every latent and one dense comparison finds the candidates).
+    """
+    x = (rows.to(torch.int64) * 0x9E3779B1 + int(seed)) & _M32
+    x = ((x ^ (x >> 16)) * 0x7FEB352D) & _M32
+    x = ((x ^ (x >> 15)) * 0x846CA68B) & _M32
+    x = x ^ (x >> 16)
+    return (x << 30) | (rows.to(torch.int64) & ((1 << 30) - 1))
+
+
+def context_batches(start: int, stop: int, context_size: int, batch_rows: int) -> list[tuple[int, int]]:
+    """Split rows ``[start, stop)`` into batches whose inner boundaries fall on context boundaries.
+
+    Boundaries are the multiples of ``batch_rows`` rounded up to whole contexts (``ceil(batch_rows / context_size)
+    * context_size``), so a window never needs rows of another batch except in a context cut by ``start`` or
+    ``stop`` (clipped there). Returns ``[(start, stop), ...]`` covering the range in order.
+    """
+    step = max(1, -(-int(batch_rows) // context_size)) * context_size
+    edges = [start] + list(range((start // step + 1) * step, stop, step)) + [stop]
+    return [(a, b) for a, b in itertools.pairwise(edges) if b > a]
+
+
+@dataclass
+class LatentWindows:
+    """Kept positions of one member, ``[n_latents, K]`` each (K = top or samples), slots sorted best first.
+
+    ``score`` is the ordering key (activation for the top buffer, minus the random key for the samples), ``value``
+    the activation at the position, ``row`` the store row (-1: empty slot), ``window`` float32 ``[n_latents, K, W]``
+    the activations of the window's tokens and ``window_row`` int64 ``[n_latents, K, W]`` their store rows (-1:
+    outside the context or the evaluated rows)."""
+
+    score: Tensor
+    value: Tensor
+    row: Tensor
+    window: Tensor
+    window_row: Tensor
+
+
+class FeatureCollector:
+    """Running top-N and sample buffers, histograms and firing counts of several members (see the module docstring).
+
+    Args:
+        d_sae: latents of each member (list, one per member); only the first ``n_latents`` of each are collected.
+        context_size: the store's context size (windows never cross a context boundary).
+        top: top activations kept per latent (N).
+        samples: random firing positions kept per latent for the quantile groups.
+        before, after: window tokens before and after the position.
+        n_latents: collect latents ``[0, n_latents)`` (None: all).
+        device: where the buffers live (the encoder's device).
+        seed: of :func:`sample_keys`.
+    """
+
+    def __init__(self, d_sae: list[int], context_size: int, top: int = 20, samples: int = 25, before: int = 24,
+                 after: int = 8, n_latents: int | None = None, device: str | torch.device = "cpu", seed: int = 0):
+        if top < 1 or samples < 0 or before < 0 or after < 0:
+            raise ValueError("top must be >= 1 and samples, before, after >= 0")
+        self.context_size, self.top, self.samples = int(context_size), int(top), int(samples)
+        self.before, self.after, self.seed = int(before), int(after), int(seed)
+        self.device = torch.device(device)
+        self.n_latents = [int(d if n_latents is None else min(d, n_latents)) for d in d_sae]
+        self.offsets = torch.arange(-self.before, self.after + 1, device=self.device)
+        self.top_buf = [self._empty(n, self.top, torch.float32) for n in self.n_latents]
+        self.sample_buf = [self._empty(n, self.samples, torch.int64) for n in self.n_latents]
+        n_bins = len(HIST_EDGES) + 1
+        self.hist = [torch.zeros(n, n_bins, dtype=torch.int64, device=self.device) for n in self.n_latents]
+        self.fired = [torch.zeros(n, dtype=torch.int64, device=self.device) for n in self.n_latents]
+        self.n_tokens = [0] * len(self.n_latents)
+
+    def _empty(self, n: int, k: int, score_dtype: torch.dtype) -> LatentWindows:
+        w = len(self.offsets)
+        low = -torch.inf if score_dtype.is_floating_point else torch.iinfo(score_dtype).min
+        return LatentWindows(
+            score=torch.full((n, k), low, dtype=score_dtype, device=self.device),
+            value=torch.zeros(n, k, device=self.device), row=torch.full((n, k), -1, dtype=torch.int64,
+                                                                          device=self.device),
+            window=torch.zeros(n, k, w, device=self.device),
+            window_row=torch.full((n, k, w), -1, dtype=torch.int64, device=self.device))
+
+    @torch.no_grad()
+    def update(self, member: int, start: int, keep: Tensor, f: Tensor) -> None:
+        """Add one batch of one member.
+
+        Args:
+            member: the member's index.
+            start: the store row of the batch's first row; a batch must hold rows ``[start, start + len(keep))``
+                whose inner context boundaries are those of :func:`context_batches`.
+            keep: bool ``[B]``, the store's mask of the batch (False: not encoded).
+            f: ``[keep.sum(), d_sae]`` the member's latents at the kept rows, in row order (any float dtype).
+        """
+        n = self.n_latents[member]
+        keep = keep.to(self.device)
+        f = f[:, :n].to(self.device, torch.float32)
+        slot = torch.full((len(keep),), -1, dtype=torch.int64, device=self.device)  # batch row -> row of f
+        slot[keep] = torch.arange(int(keep.sum()), device=self.device)
+        self.n_tokens[member] += f.shape[0]
+        nz = f.nonzero()  # [nnz, 2]: (row of f, latent)
+        if nz.numel() == 0:
+            return
+        lat = nz[:, 1]
+        val = f[nz[:, 0], lat]
+        self.fired[member] += torch.bincount(lat, minlength=n)
+        n_bins = self.hist[member].shape[1]
+        b = (torch.floor(10 * (torch.log10(val.clamp_min(1e-30).double()) - HIST_EDGES[0])) + 1).clamp(0, n_bins - 1)
+        self.hist[member] += torch.bincount(lat * n_bins + b.long(), minlength=n * n_bins).reshape(n, n_bins)
+        kept_rows = keep.nonzero()[:, 0]  # batch row of each row of f
+        ctx = (start, keep, slot, f)
+        # Prefilters on the non-zeros: only positions that beat their latent's current K-th entry become candidates,
+        # so once the buffers are full a batch yields few candidates (activations are >= 0 for every architecture).
+        top = self.top_buf[member]
+        sel = (val > top.score.min(dim=1).values.clamp_min(0)[lat]).nonzero()[:, 0]
+        if sel.numel():
+            self._merge(top, lat[sel], kept_rows[nz[sel, 0]], val[sel], val[sel], ctx)
+        if self.samples:
+            smp = self.sample_buf[member]
+            row_score = -sample_keys(kept_rows + start, self.seed)  # [n_kept]: higher = earlier in the sample
+            sel = (row_score[nz[:, 0]] > smp.score.min(dim=1).values[lat]).nonzero()[:, 0]
+            if sel.numel():
+                r = nz[sel, 0]
+                self._merge(smp, lat[sel], kept_rows[r], row_score[r], val[sel], ctx)
+
+    def _merge(self, buf: LatentWindows, lat: Tensor, brow: Tensor, score: Tensor, val: Tensor, ctx) -> LatentWindows:
+        """Merge the candidates (latent, batch row, score, value) into ``buf`` in place, keeping the K best scores
+        per latent. Slots are unordered until :meth:`result`: a candidate that enters takes the slot of an entry it
+        evicts, and only entering candidates have their windows gathered, so the work per batch grows with the
+        candidates, not with latents x K x W."""
+        start, keep, slot, f = ctx
+        k = buf.score.shape[1]
+        better = (score > buf.score.min(dim=1).values[lat]).nonzero()[:, 0]  # indices, not a mask: fewer passes
+        if better.numel() == 0:
+            return buf
+        lat, brow, score, val = lat[better], brow[better], score[better], val[better]
+        order = torch.argsort(score, descending=True, stable=True)
+        order = order[torch.argsort(lat[order], stable=True)]  # by latent, best first within a latent
+        lat, brow, score, val = lat[order], brow[order], score[order], val[order]
+        rank = torch.arange(len(lat), device=lat.device) - torch.searchsorted(lat, lat)
+        sel = (rank < k).nonzero()[:, 0]
+        lat, brow, score, val, rank = lat[sel], brow[sel], score[sel], val[sel], rank[sel]
+        touched, u = torch.unique(lat, return_inverse=True)
+        low = -torch.inf if score.dtype.is_floating_point else torch.iinfo(score.dtype).min
+        cand = torch.full((len(touched), k), low, dtype=score.dtype, device=score.device)
+        cand[u, rank] = score
+        best = torch.topk(torch.cat([buf.score[touched], cand], dim=1), k, dim=1).indices  # [T, K]
+        old_kept = torch.zeros(len(touched), k, dtype=torch.int64, device=lat.device)
+        new_in = torch.zeros_like(old_kept)
+        old_kept.scatter_add_(1, best.clamp(max=k - 1), (best < k).long())
+        new_in.scatter_add_(1, (best - k).clamp(min=0), (best >= k).long())
+        evict = (old_kept == 0).nonzero()  # row-major: row t's evicted slots pair with row t's entering candidates
+        enter = (new_in > 0).nonzero()
+        which = torch.full((len(touched), k), -1, dtype=torch.int64, device=lat.device)
+        which[u, rank] = torch.arange(len(lat), device=lat.device)
+        idx = which[enter[:, 0], enter[:, 1]]  # candidates that enter (-1: an empty slot won a tie of empties)
+        t, s = touched[evict[:, 0]], evict[:, 1]
+        if not bool((idx >= 0).all()):
+            empty = idx < 0
+            buf.score[t[empty], s[empty]], buf.row[t[empty], s[empty]] = low, -1
+            t, s, idx = t[~empty], s[~empty], idx[~empty]
+        buf.score[t, s], buf.value[t, s], buf.row[t, s] = score[idx], val[idx], brow[idx] + start
+        win = brow[idx][:, None] + self.offsets  # batch rows of each window
+        c = self.context_size
+        inside = (win >= 0) & (win < len(keep)) & ((win + start) // c == ((brow[idx] + start) // c)[:, None])
+        win_c = win.clamp(0, len(keep) - 1)
+        ok = inside & keep[win_c]
+        buf.window[t, s] = torch.where(ok, f[slot[win_c].clamp_min(0), lat[idx][:, None]], 0.0)
+        buf.window_row[t, s] = torch.where(inside, win_c + start, -1)
+        return buf
+
+    def result(self, member: int) -> dict:
+        """The collected data of one member as NumPy arrays (``n`` = n_latents, W = window length):
+
+        ``density`` float64 [n] (fired / n_tokens; 0 when no token was evaluated), ``fired`` int64 [n],
+        ``n_tokens``, ``max_activation`` float32 [n] (0 for a latent that never fired), ``hist`` int64
+        [n, 62] (bins of :data:`HIST_EDGES`), and for ``top`` and ``samples`` a dict of ``value`` [n, K],
+        ``row`` [n, K] (-1 empty), ``window`` float32 [n, K, W], ``window_row`` int64 [n, K, W] (-1: none)
+        with the slots of the top buffer sorted by activation (largest first) and the samples by key.
+        """
+        fired = self.fired[member].cpu().numpy()
+        n_tok = self.n_tokens[member]
+        top, samples = (_sorted(b) for b in (self.top_buf[member], self.sample_buf[member]))
+        out = {"fired": fired, "n_tokens": n_tok, "density": fired / n_tok if n_tok else np.zeros(len(fired)),
+               "hist": self.hist[member].cpu().numpy(),
+               "max_activation": top.value[:, 0].cpu().numpy()}
+        for name, buf in (("top", top), ("samples", samples)):
+            out[name] = {a: getattr(buf, a).cpu().numpy() for a in ("value", "row", "window", "window_row")}
+        return out
+
+
+def _sorted(buf: LatentWindows) -> LatentWindows:
+    """The buffer with each latent's slots sorted by score, best first (empty slots last)."""
+    order = torch.argsort(buf.score, dim=1, descending=True, stable=True)
+    w = order[..., None].expand(-1, -1, buf.window.shape[2])
+    return LatentWindows(buf.score.gather(1, order), buf.value.gather(1, order), buf.row.gather(1, order),
+                         buf.window.gather(1, w), buf.window_row.gather(1, w))
+
+
+def quantile_groups(values: np.ndarray, rows: np.ndarray, n_groups: int = 5) -> list[np.ndarray]:
+    """Split one latent's samples into ``n_groups`` bands of activation: sort the filled slots (``rows >= 0``) by
+    value (ascending, ties by row) and cut them into ``n_groups`` consecutive groups of sizes as equal as possible
+    (``np.array_split``). Returns, lowest band first, arrays of slot indices; empty groups are dropped."""
+    filled = np.nonzero(rows >= 0)[0]
+    order = filled[np.lexsort((rows[filled], values[filled]))]
+    return [g for g in np.array_split(order, n_groups) if len(g)]
+
+
+@torch.no_grad()
+def encode_pass(saes, store, hook: str, rows: tuple[int, int], device, batch_rows: int = 2048, stats=None,
+                collector: FeatureCollector | None = None, target: str | None = None) -> None:
+    """Read rows ``[rows[0], rows[1])`` of ``store`` once, encode the kept rows with every SAE, and feed the
+    latents to ``stats`` (a list of :class:`saetool.metrics.ReconstructionStats`, one per SAE: the held-out
+    evaluation) and/or ``collector`` (a :class:`FeatureCollector` for the browser). Batches follow
+    :func:`context_batches` (``batch_rows`` rows, rounded to whole contexts). Transcoders (``target``: their output
+    hook) are scored on their prediction of the target rows from the input rows."""
+    c = max(1, int(store.spec.context_size))
+    for start, stop in context_batches(rows[0], rows[1], c, batch_rows):
+        keep = torch.from_numpy(store.read_mask(start, stop))
+        if not keep.any():
+            continue
+        x = store.read_rows(hook, start, stop, torch.float32)[keep].to(device)
+        y = x if target is None else store.read_rows(target, start, stop, torch.float32)[keep].to(device)
+        for i, sae in enumerate(saes):
+            f = sae.encode(x)
+            if stats is not None:
+                stats[i].update(y, (sae.decode(f) if target is None else sae(x)).to(x.dtype)[None], f[None])
+            if collector is not None:
+                collector.update(i, start, keep, f)

@@ -188,17 +188,17 @@ def main() -> None:
 
     d_in = model.cfg.d_model
     lines = [
-        f"SmolLM2-135M, {args.tokens} tokens, batch {args.batch_size} x {args.context_size}, {args.device} "
+        (f"SmolLM2-135M, {args.tokens} tokens, batch {args.batch_size} x {args.context_size}, {args.device} "
         f"({os.cpu_count()} CPUs, torch {torch.__version__}); medians of {args.repeats} repetitions, ratios taken "
-        "within each repetition",
+        "within each repetition"),
         "",
         "| measurement | tokens/s | note |",
         "|---|---:|---|",
         f"| bare `run_with_cache` loop, {hook} | {med_bare:.0f} | same batches, `stop_at_layer` {args.layer + 1} |",
-        f"| saetool generate, same hook | {med_ours:.0f} | overhead {overhead:+.1%} (goal <= 10%); within its runs "
-        f"{in_run:.1%} of the time is outside the forward |",
-        f"| 3 hooks (layers {args.layers3}) in one pass | {multi['tokens_per_s']:.0f} | "
-        f"{speedup:.2f}x the 3 single-hook runs |",
+        (f"| saetool generate, same hook | {med_ours:.0f} | overhead {overhead:+.1%} (goal <= 10%); within its runs "
+        f"{in_run:.1%} of the time is outside the forward |"),
+        (f"| 3 hooks (layers {args.layers3}) in one pass | {multi['tokens_per_s']:.0f} | "
+        f"{speedup:.2f}x the 3 single-hook runs |"),
         f"| 3 single-hook runs, one after another | {sequential:.0f} | "
         + ", ".join(f"{s['tokens_per_s']:.0f}" for s in singles) + " |",
         "",
@@ -206,8 +206,8 @@ def main() -> None:
         "|---|---:|---:|",
     ]
     lines += [f"| {k} | {v['bytes_per_token']:.1f} | {v['ratio_to_fp32']:.2f}x |" for k, v in codecs.items()]
-    lines += ["", f"keepbits {args.keepbits}: max |error| / max |x| = {rel_err:.2e}; "
-              f"max elementwise relative error {rel_err_elem:.2e}",
+    lines += ["", (f"keepbits {args.keepbits}: max |error| / max |x| = {rel_err:.2e}; "
+              f"max elementwise relative error {rel_err_elem:.2e}"),
               f"JSON: {out / 'bench_generate.json'}"]
     print("\n".join(lines))
 

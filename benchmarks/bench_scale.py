@@ -54,7 +54,7 @@ def build_corpus(path: Path, copies: int) -> int:
 
 def watch(cmd: list[str], store: Path, env: dict) -> dict:
     """Run `cmd`; time to the first committed chunk of `store`, total time, peak RSS of the process tree."""
-    log = open(store.parent / f"{store.name}.log", "w+")  # a file, not a pipe: a full pipe would block the child
+    log = open(store.parent / f"{store.name}.log", "w+")  # noqa: SIM115 a file, not a pipe: a full pipe would block the child
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     root, peak, first, samples = psutil.Process(proc.pid), 0, None, []

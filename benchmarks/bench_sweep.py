@@ -245,8 +245,8 @@ def main():
             record("SAELens, bf16 autocast", "bf16", *run_saelens(*common, autocast=True))
 
     saelens = {r["precision"]: r for r in rows if r["variant"].startswith("SAELens")}
-    lines = ["| variant | precision | SAE-tokens/s | GFLOP/s | % of mm peak | vs SAELens | held-out FVU | "
-             "max rel. FVU diff. vs SAELens |", "|---|---|---:|---:|---:|---:|---|---:|"]
+    lines = [("| variant | precision | SAE-tokens/s | GFLOP/s | % of mm peak | vs SAELens | held-out FVU | "
+             "max rel. FVU diff. vs SAELens |"), "|---|---|---:|---:|---:|---:|---|---:|"]
     for r in rows:
         ref = saelens.get(r["precision"])
         ratio = r["sae_tokens_per_s"] / ref["sae_tokens_per_s"] if ref else float("nan")

@@ -10,6 +10,7 @@ import ast
 import contextlib
 import dataclasses
 import inspect
+import itertools
 import sys
 import textwrap
 from dataclasses import dataclass, field
@@ -360,7 +361,7 @@ def field_docs(cls) -> dict[str, str]:
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body
     docs = {}
-    for stmt, nxt in zip(body, body[1:]):
+    for stmt, nxt in itertools.pairwise(body):
         if isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
             docs[stmt.target.id] = " ".join(str(nxt.value.value).split())
     return docs

@@ -68,7 +68,7 @@ class BatchLoader:
 
     def __len__(self) -> int:
         """Batches per epoch."""
-        return -(-self.n_rows // self.batch_size)
+        return -(-self.n_rows // self.batch_size)  # noqa: PLE0303 (a ceiling division of non-negatives)
 
     def _mask(self, a: int, b: int) -> np.ndarray:
         return self.store.read_mask(a, b) if self.use_mask else np.ones(b - a, dtype=bool)

@@ -260,7 +260,7 @@ class ReconstructionStats:
         self.d_in = int(d_in)
         self.d_sae = int(d_sae)
         self.device = torch.device(device)
-        f64 = dict(dtype=torch.float64, device=self.device)
+        f64 = {"dtype": torch.float64, "device": self.device}
         self.sum_x = torch.zeros(self.d_in, **f64)
         self.sum_x2 = torch.zeros(self.d_in, **f64)
         self.sse = torch.zeros(self.n_members, **f64)

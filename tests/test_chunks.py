@@ -26,7 +26,7 @@ def test_direct_reads_equal_zarr(tmp_path, dtype, compression):
 
 
 def test_other_layouts_are_left_to_zarr(tmp_path):
-    sharded = zarr.create_array(str(tmp_path / "sharded"), shape=(64, 4), chunks=(8, 4), shards=(32, 4), dtype="float32")
+    zarr.create_array(str(tmp_path / "sharded"), shape=(64, 4), chunks=(8, 4), shards=(32, 4), dtype="float32")
     assert ChunkReader.for_array(tmp_path / "sharded") is None
     split = zarr.create_array(str(tmp_path / "split"), shape=(64, 4), chunks=(8, 2), dtype="float32")
     assert split.shape == (64, 4) and ChunkReader.for_array(tmp_path / "split") is None  # chunks split the columns

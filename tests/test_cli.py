@@ -152,14 +152,14 @@ def test_every_flag_is_refused_on_each_architecture_it_cannot_act_on():
     ({"l1_values": [1e-3, 1.004e-3, 1e-3]}, "--l1_values has the value 0.001 twice (each member needs its own)"),
     ({"architecture": "topk", "k_values": "2,2"}, "--k_values has the value 2 twice (each member needs its own)"),
     ({"architecture": "jumprelu", "l0_values": [0.1, 0.1]}, "--l0_values has the value 0.1 twice (each member needs its own)"),
-    ({"l1_value_min": -3, "l1_value_max": -3}, "--l1_value_max must differ from --l1_value_min for --l1_value_n 16 "
-                                               "distinct values"),
+    ({"l1_value_min": -3, "l1_value_max": -3}, ("--l1_value_max must differ from --l1_value_min for --l1_value_n 16 "
+                                               "distinct values")),
     ({"architecture": "jumprelu", "kernel": "fused"},
      "--kernel fused has no architecture jumprelu; it has standard and topk (use --kernel autograd or auto)"),
     ({"architecture": "topk", "kernel": "fused", "auxk_coefficient": 0.03},
      "--kernel fused has no --auxk_coefficient; use --kernel autograd (or auto)"),
-    ({"l1_values": [1e-3, 1e-2], "k_values": [4]}, "--k_values applies to topk, batchtopk and matryoshka_batchtopk "
-                                                   "only, not --architecture standard"),
+    ({"l1_values": [1e-3, 1e-2], "k_values": [4]}, ("--k_values applies to topk, batchtopk and matryoshka_batchtopk "
+                                                   "only, not --architecture standard")),
 ])
 def test_settings_that_cannot_act_are_refused_by_the_config(kwargs, message):
     with pytest.raises(ValueError) as e:

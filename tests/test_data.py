@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -12,10 +10,9 @@ datasets = pytest.importorskip("datasets")
 tokenizers = pytest.importorskip("tokenizers")
 transformers = pytest.importorskip("transformers")
 
-from tokenizers import models, pre_tokenizers, processors  # noqa: E402
+from tokenizers import models, pre_tokenizers, processors
 
-from saetool import data  # noqa: E402
-from saetool.data import (  # noqa: E402
+from saetool.data import (
     PackedContexts,
     pack_contexts,
     special_token_ids,
@@ -238,7 +235,7 @@ def test_argument_errors():
 
 def test_seeded_shuffle_is_a_reproducible_permutation():
     docs = [list(range(100, 130)), list(range(200, 230))]  # 30 + 1 + 30 = 61 stream tokens
-    kwargs = dict(bos_token_id=BOS, sep_token_id=EOS)
+    kwargs = {"bos_token_id": BOS, "sep_token_id": EOS}
     plain = pack_contexts(docs, 6, shuffle=False, **kwargs)  # 61 // 5 = 12 rows
     assert plain.tokens.shape == (12, 6)
     assert plain.tokens[6].tolist() == [1, 2, 200, 201, 202, 203]  # separator opens row 6

@@ -114,8 +114,8 @@ def test_bf16_fused_close_to_autocast_autograd(architecture, values, tied, group
     ref = {n: p.grad.clone() for n, p in ens.named_parameters()}
     got, stats = _fused_grads(ens, x, n_total, group, torch.bfloat16)
     rtol = BF16_TOPK_RTOL if architecture == "topk" else BF16_RTOL
-    for name in ref:
-        assert _rel(got[name], ref[name]) < rtol, (name, _rel(got[name], ref[name]))
+    for name, want in ref.items():
+        assert _rel(got[name], want) < rtol, (name, _rel(got[name], want))
     for k in ("loss", "mse", "sparsity", "l0"):
         if ref_stats[k].abs().sum():
             assert _rel(stats[k], ref_stats[k]) < BF16_RTOL, (k, _rel(stats[k], ref_stats[k]))

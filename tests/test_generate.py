@@ -24,8 +24,8 @@ def text_dir(tmp_path_factory):
 
 
 def config(tiny_model_dir, text_dir, folder, **kw):
-    base = dict(model=str(tiny_model_dir), dataset=str(text_dir), locations=["residual", "mlp", "attn_concat"],
-                layers=[0, 1], context_size=16, chunk_size=64, batch_size=3, device="cpu", dataset_folder=str(folder))
+    base = {"model": str(tiny_model_dir), "dataset": str(text_dir), "locations": ["residual", "mlp", "attn_concat"],
+                "layers": [0, 1], "context_size": 16, "chunk_size": 64, "batch_size": 3, "device": "cpu", "dataset_folder": str(folder)}
     return GenerateConfig(**{**base, **kw})
 
 
@@ -114,7 +114,7 @@ def test_empty_dataset_is_refused_before_the_store_exists(tiny_model_dir, tmp_pa
 def test_keepbits_store_is_the_bitrounded_lossless_store(tiny_model_dir, text_dir, tmp_path):
     from saetool.store import bitround
 
-    kw = dict(locations=["residual"], layers=[1], n_chunks=3)
+    kw = {"locations": ["residual"], "layers": [1], "n_chunks": 3}
     lossless = gen.run_generate(config(tiny_model_dir, text_dir, tmp_path / "a.zarr", **kw), log=quiet)
     messages = []
     lossy = gen.run_generate(config(tiny_model_dir, text_dir, tmp_path / "b.zarr", keepbits=4, **kw),
@@ -168,7 +168,7 @@ def test_corpus_ending_before_the_budget_is_stored_whole_with_a_warning(tiny_mod
 def test_interrupted_tokens_resume_from_the_saved_state(tiny_model_dir, text_dir, tmp_path, monkeypatch):
     import saetool.stream as st
 
-    kw = dict(n_chunks=6, shuffle_buffer=5, locations=["residual"], layers=[0])
+    kw = {"n_chunks": 6, "shuffle_buffer": 5, "locations": ["residual"], "layers": [0]}
     monkeypatch.setattr(st, "TOKENIZE_DOCS", 1)  # one document per tokenisation batch
     clean = gen.run_generate(config(tiny_model_dir, text_dir, tmp_path / "clean.zarr", **kw), log=quiet)
     monkeypatch.setattr(gen, "STATE_SECONDS", 0.0)  # save the stream state after every chunk

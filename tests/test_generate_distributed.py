@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import psutil
@@ -45,8 +46,8 @@ def text_dir(tmp_path_factory):
 
 
 def flags(tiny_model_dir, text_dir, folder, **kw):
-    base = dict(model=str(tiny_model_dir), dataset=str(text_dir), locations="residual", layers="0,1",
-                context_size=16, chunk_size=16, batch_size=4, device="cpu", dataset_folder=str(folder))
+    base = {"model": str(tiny_model_dir), "dataset": str(text_dir), "locations": "residual", "layers": "0,1",
+                "context_size": 16, "chunk_size": 16, "batch_size": 4, "device": "cpu", "dataset_folder": str(folder)}
     return {**base, **kw}
 
 
@@ -176,8 +177,8 @@ class ThreadDist(Dist):
     """A rank of an in-process 'world' of threads: barrier() is a threading.Barrier with a timeout (a hang
     raises BrokenBarrierError instead of blocking the suite)."""
 
-    barriers: dict = {}
-    boxes: dict = {}
+    barriers: ClassVar[dict] = {}
+    boxes: ClassVar[dict] = {}
 
     def barrier(self) -> None:
         ThreadDist.barriers[self.world_size].wait(timeout=60)

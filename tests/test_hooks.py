@@ -15,7 +15,6 @@ from saetool.hooks import (
     validate_hook_names,
 )
 
-
 # --- resolve_hook_names ---------------------------------------------------------------------------
 
 

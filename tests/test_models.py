@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-import saetool.models as models
+from saetool import models
 from saetool.hooks import record_activations
 from saetool.models import EMBEDDED_MODEL, cache_dir, load_model, resolve_dtype
 

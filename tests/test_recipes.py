@@ -5,11 +5,20 @@ import math
 import pytest
 import torch
 
-from saetool.io import load_sae, save_sae
 from saetool.ensemble import SAEEnsemble, loss_and_stats, train_step
-from saetool.recipes import (DeadLatentTracker, auxk_loss, clip_grad_norm_per_member, coefficient_multiplier,
-                             decoder_weighted_l1, fold_normalization, geometric_median, lr_multiplier,
-                             normalization_factor, resample_dead_latents)
+from saetool.io import load_sae, save_sae
+from saetool.recipes import (
+    DeadLatentTracker,
+    auxk_loss,
+    clip_grad_norm_per_member,
+    coefficient_multiplier,
+    decoder_weighted_l1,
+    fold_normalization,
+    geometric_median,
+    lr_multiplier,
+    normalization_factor,
+    resample_dead_latents,
+)
 from saetool.sae import SparseLinearAutoencoder
 
 
@@ -200,7 +209,7 @@ def test_auxk_gives_dead_latents_gradient_and_members_stay_independent():
         return SAEEnsemble("topk", d_in, d_sae, {"k": members}, seeds=seeds, auxk_coefficient=1 / 32, k_aux=2)
 
     ens = make([2, 3], [0, 1])
-    x_hat, f, pre = ens(xs[0], return_pre=True)
+    x_hat, _f, pre = ens(xs[0], return_pre=True)
     total, stats = loss_and_stats(ens, ens, xs[0], 4, 1.0, dead)
     expected = auxk_loss(pre, dead, xs[0].unsqueeze(0) - x_hat, ens.W_dec, 2)
     torch.testing.assert_close(stats["auxk"], expected)

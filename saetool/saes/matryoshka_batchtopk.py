@@ -16,6 +16,8 @@ hyperparameter: `k`; `matryoshka_widths` is shared by the ensemble (default d_sa
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from saetool.saes import batchtopk
@@ -43,7 +45,7 @@ def default_options(d_sae: int) -> dict:
 def check_options(options: dict, d_sae: int) -> None:
     batchtopk.check_options(options, d_sae)
     widths = options["matryoshka_widths"]
-    if not (widths and all(a < b for a, b in zip(widths, widths[1:])) and widths[0] >= 1 and widths[-1] == d_sae):
+    if not (widths and all(a < b for a, b in itertools.pairwise(widths)) and widths[0] >= 1 and widths[-1] == d_sae):
         raise ValueError(f"matryoshka_widths must increase strictly from >= 1 to d_sae={d_sae}, got {widths}")
 
 

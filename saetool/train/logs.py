@@ -45,7 +45,7 @@ class TrainLogger:
         if dist.is_main:
             run.out.mkdir(parents=True, exist_ok=True)
             trim_log(run.out / "train_log.jsonl", steps)
-            self.file = open(run.out / "train_log.jsonl", "a")
+            self.file = open(run.out / "train_log.jsonl", "a")  # noqa: SIM115 (open for the run; close() shuts it)
         self.bar = tqdm(total=run.loader.n_rows * cfg.n_repetitions, initial=tokens, unit="tok", unit_scale=True,
                         desc="sweep", smoothing=0.1, disable=not dist.is_main)
 

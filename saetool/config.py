@@ -236,7 +236,8 @@ class SweepConfig:
         _check(self.b_dec_init in ("mean", "geometric_median", "zeros"), "b_dec_init",
                "must be mean, geometric_median or zeros")
         _check(self.lr_decay_steps >= 0, "lr_decay_steps", "must be >= 0")
-        _check(self.grad_clip_norm is None or self.grad_clip_norm >= 0, "grad_clip_norm", "must be >= 0 (or None)")
+        _check(self.grad_clip_norm is None or 0 <= self.grad_clip_norm < float("inf"), "grad_clip_norm",
+               "must be a finite number >= 0, or auto")
         _check(self.dead_window >= 1, "dead_window", "must be >= 1")
         _check(self.auxk_coefficient >= 0, "auxk_coefficient", "must be >= 0")
         _check(self.k_aux >= 0, "k_aux", "must be >= 0")

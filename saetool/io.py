@@ -197,10 +197,42 @@ def write_sweep(out_dir: str | os.PathLike, members: list[tuple[dict, dict, dict
 
 
 def read_index(path: str | os.PathLike) -> dict:
+    """The sweep index OUTPUT_DIR/sweep.json; ValueError (one line, naming the file) if missing or not JSON."""
     path = Path(path)
     if not (path / INDEX_FILE).is_file():
         raise ValueError(f"{path} is not a finished sweep (no {INDEX_FILE})")
-    return json.loads((path / INDEX_FILE).read_text())
+    try:
+        return json.loads((path / INDEX_FILE).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path / INDEX_FILE} is not valid JSON ({e}): the sweep's index is damaged") from None
+
+
+def single_hook_index(path: str | os.PathLike, what: str) -> dict:
+    """read_index(path) for a sweep whose members all read one hook (and one target); a sweep over several hooks
+    (`--hook_name all` or a list) is refused in one line naming its per-hook folders, which `what` takes one by one."""
+    index = read_index(path)
+    hooks = sorted({(m.get("hook_name"), m.get("target_hook")) for m in index["members"]}, key=str)
+    if len(hooks) > 1 or isinstance(index.get("store", {}).get("hook_name"), list):
+        folders = sorted({m["path"].split("/")[0] for m in index["members"]})
+        raise ValueError(f"{path} holds sweeps of several hooks: run {what} on each of its folders "
+                         f"({', '.join(str(Path(path) / f) for f in folders)})")
+    return index
+
+
+EXPORT_MARK = ".saetool-export"
+
+
+def check_export_dir(final: Path, sources: list[Path]) -> None:
+    """Refuse (ValueError, one line, nothing removed) an export folder that would replace anything but an earlier
+    export: an existing folder that is not empty and lacks EXPORT_MARK, or one holding a sweep member or the store."""
+    final = Path(os.path.abspath(final))
+    for src in sources:
+        src = Path(os.path.abspath(src))
+        if src == final or final in src.parents:
+            raise ValueError(f"--export_dir {final} holds {src}, which the export reads; choose another folder")
+    if final.exists() and (not final.is_dir() or (any(final.iterdir()) and not (final / EXPORT_MARK).exists())):
+        raise ValueError(f"--export_dir {final} exists and is not an earlier saetool export; it is left as it is "
+                         "(remove it or choose another folder)")
 
 
 def load_sweep(path: str | os.PathLike, device: str | torch.device | None = "cpu",

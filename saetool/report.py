@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from saetool.config import _default_device, check_device
-from saetool.io import load_sae, read_index, write_json
+from saetool.io import load_sae, single_hook_index, write_json
 from saetool.latent_stats import (
     DENSE_THRESHOLD,
     decoder_norm_summary,
@@ -183,7 +183,7 @@ def evaluate_sweep(cfg: ReportConfig, model=None, log=print, parts: dict | None 
     from saetool.store import ActivationStore
 
     out_dir = Path(cfg.output_dir)
-    index = read_index(out_dir)
+    index = single_hook_index(out_dir, "saetool report")
     sweep_param = index.get("sweep_param", "l1_coefficient")
     entries = index["members"]
     saes = [load_sae(out_dir / e["path"], device=cfg.device, dtype="float32") for e in entries]

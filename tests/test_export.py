@@ -165,3 +165,25 @@ def test_export_cli_errors(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2 and capsys.readouterr().err == f"saetool: error: {message}\n"
+
+
+def test_export_dir_replaces_only_an_earlier_export(tmp_path, capsys):
+    g = torch.Generator().manual_seed(1)
+    store = write_store(tmp_path / "s.zarr", torch.randn(256, 8, generator=g), context_size=16, chunk_size=64)
+    out = tmp_path / "a"
+    run_sweep(SweepConfig(dataset_dir=str(store.path), output_dir=str(out), batch_size=32, eval_tokens=64,
+                          architecture="topk", k_values=[2], ratio=2, device="cpu"), log=quiet)
+    weights = sorted(p.name for p in (out / "saes").rglob("*"))
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("keep me")
+    for target, message in ((out / "saes", "holds"), (out, "holds"), (precious, "is not an earlier saetool export")):
+        with pytest.raises(SystemExit) as e:
+            main(["export", "sparsify", str(out), "--export_dir", str(target)])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "saes").rglob("*")) == weights      # nothing removed
+    assert (precious / "thesis.txt").read_text() == "keep me"
+    fresh = tmp_path / "fresh"
+    main(["export", "sparsify", str(out), "--export_dir", str(fresh)])
+    main(["export", "sparsify", str(out), "--export_dir", str(fresh)])       # an earlier export is replaced
+    assert (fresh / ".saetool-export").is_file() and (fresh / "topk_k_2" / "layers.0" / "cfg.json").is_file()

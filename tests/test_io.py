@@ -102,3 +102,29 @@ def test_close_coefficients_are_saved_and_loaded_as_separate_members(tmp_path):
     assert sorted(loaded) == [1e-3, 1.004e-3, 0.5]
     for w, c, _ in members:
         torch.testing.assert_close(loaded[c["l1_coefficient"]].W_enc, w["W_enc"])
+
+
+def test_a_damaged_index_is_one_line_naming_the_file(tmp_path):
+    from saetool.io import read_index
+
+    (tmp_path / "sweep.json").write_text('{"members": [{"path": "sa')
+    with pytest.raises(ValueError, match=r"sweep\.json is not valid JSON \(Unterminated string.*the sweep's index is "
+                                         r"damaged"):
+        read_index(tmp_path)
+
+
+def test_the_saved_index_records_the_store_by_absolute_path(tmp_path, monkeypatch):
+    from saetool.config import SweepConfig
+    from saetool.io import read_index
+    from saetool.sweep import run_sweep
+    from tests.synthetic import write_store
+
+    write_store(tmp_path / "s.zarr", torch.randn(128, 4, generator=torch.Generator().manual_seed(0)), context_size=8,
+                chunk_size=32)
+    monkeypatch.chdir(tmp_path)
+    run_sweep(SweepConfig(dataset_dir="s.zarr", output_dir="out", batch_size=16, eval_tokens=32, l1_values=[1e-3],
+                          ratio=1, device="cpu", report=False), log=lambda *a: None)
+    index = read_index(tmp_path / "out")
+    assert index["store"]["path"] == str(tmp_path / "s.zarr")
+    member = json.loads((tmp_path / "out" / index["members"][0]["path"] / "cfg.json").read_text())
+    assert member["metadata"]["dataset_path"] == str(tmp_path / "s.zarr")

@@ -126,3 +126,16 @@ def test_transcoders_at_every_layer_make_circuit_tracer_sets(tmp_path):
 
             torch.testing.assert_close(y, load_sae(out / member["path"])(x), atol=1e-5, rtol=0)
     assert np.isfinite([m["metrics"]["fvu"] for m in index["members"]]).all()
+
+
+def test_report_and_export_of_several_hooks_name_the_per_hook_folders(two_hooks, tmp_path, capsys):
+    main(["sweep", "--dataset_dir", str(two_hooks), "--hook_name", "all", "--output_dir", str(tmp_path / "all"),
+          *FLAGS])
+    capsys.readouterr()
+    for args in (["report", str(tmp_path / "all"), "--model", "none"], ["export", "sparsify", str(tmp_path / "all")]):
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "holds sweeps of several hooks: run saetool" in err
+        assert str(tmp_path / "all" / A) in err and str(tmp_path / "all" / B) in err
+    assert not (tmp_path / "all" / "report").exists() and not (tmp_path / "all" / "export").exists()

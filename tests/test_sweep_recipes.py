@@ -202,3 +202,11 @@ def test_grad_clip_norm_flag_reads_auto_none_and_numbers():
         build(SweepConfig, {"grad_clip_norm": "off"})
     with pytest.raises(ValueError, match=r"grad_clip_norm"):
         build(SweepConfig, {"grad_clip_norm": -1})
+
+
+def test_grad_clip_norm_must_be_finite():
+    from saetool.config import build
+
+    for v in ("inf", "nan"):
+        with pytest.raises(ValueError, match=r"--grad_clip_norm must be a finite number >= 0, or auto"):
+            build(SweepConfig, {"grad_clip_norm": v})

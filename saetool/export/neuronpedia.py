@@ -39,7 +39,7 @@ import torch
 from safetensors.torch import save_file
 
 from saetool.config import _default_device, check_device
-from saetool.io import load_sae, read_index
+from saetool.io import EXPORT_MARK, check_export_dir, load_sae, single_hook_index
 
 __all__ = ["FEATURES_PER_BATCH", "NeuronpediaConfig", "export_neuronpedia", "log_sparsity"]
 
@@ -52,7 +52,7 @@ class NeuronpediaConfig:
     output_dir: str = "sweep_outputs"
     """The finished sweep folder (the one holding sweep.json)."""
     export_dir: str | None = None
-    """Where to write the Neuronpedia layout (default OUTPUT_DIR/export/neuronpedia); replaced whole."""
+    """Where to write the Neuronpedia layout (default OUTPUT_DIR/export/neuronpedia); an earlier export there is replaced whole, any other non-empty folder (or one holding the sweep or its store) is refused."""
     dataset_dir: str | None = None
     """The sweep's activation store; default: the path recorded in sweep.json."""
     model: str | None = None
@@ -221,7 +221,7 @@ def export_neuronpedia(cfg: NeuronpediaConfig, model=None, log=print) -> Path:
     from saetool.store import ActivationStore
 
     out_dir = Path(cfg.output_dir)
-    index = read_index(out_dir)
+    index = single_hook_index(out_dir, "saetool export neuronpedia")
     entries = index["members"]
     saes = [load_sae(out_dir / e["path"], device=cfg.device, dtype="float32") for e in entries]
     hook = saes[0].cfg.get("hook_name") or index.get("store", {}).get("hook_name")
@@ -240,8 +240,12 @@ def export_neuronpedia(cfg: NeuronpediaConfig, model=None, log=print) -> Path:
     layer = re.match(r"blocks\.(\d+)\.", hook or "")
     now = datetime.now(timezone.utc).isoformat()
     final = Path(cfg.export_dir) if cfg.export_dir else out_dir / "export" / "neuronpedia"
+    check_export_dir(final, [out_dir / e["path"] for e in index["members"]]
+                     + [Path(index.get("store", {}).get("path") or out_dir)])
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / EXPORT_MARK).write_text("written by saetool export; a later export may replace this folder\n")
     sparsity = []
     for entry, sae, res in zip(entries, saes, results):
         n = len(res["density"])

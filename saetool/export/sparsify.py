@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from saetool.io import DTYPES, load_sae, read_index
+from saetool.io import DTYPES, EXPORT_MARK, check_export_dir, load_sae, single_hook_index
 
 __all__ = ["SparsifyConfig", "export_sparsify", "sparsify_hookpoint", "sparsify_weights"]
 
@@ -43,7 +43,7 @@ class SparsifyConfig:
     output_dir: str = "sweep_outputs"
     """The finished sweep folder (the one holding sweep.json)."""
     export_dir: str | None = None
-    """Where to write the sparsify folders (default OUTPUT_DIR/export/sparsify); replaced whole."""
+    """Where to write the sparsify folders (default OUTPUT_DIR/export/sparsify); an earlier export there is replaced whole, any other non-empty folder (or one holding the sweep or its store) is refused."""
     hookpoint: str | None = None
     """sparsify's module name for the members' hook (default: layers.L for blocks.L.hook_resid_post, see README)."""
 
@@ -63,8 +63,12 @@ def sparsify_hookpoint(hook_name: str | None) -> str:
 
 def sparsify_weights(sae) -> tuple[dict[str, torch.Tensor], dict]:
     """``(tensors, cfg)`` of one TopK SAE in sparsify's form (see the module docstring); ValueError otherwise."""
+    if sae.transcoder:
+        raise ValueError(f"{sae.cfg.get('architecture')} members cannot be exported to sparsify yet: saetool writes "
+                         "SAEs only (sparsify's transcode / skip_connection layout is not supported)")
     if sae.arch.NAME != "topk" or sae.cfg["architecture"] != "topk":
-        raise ValueError(f"{sae!r} cannot be exported to sparsify: its coders are TopK only (architecture topk)")
+        raise ValueError(f"architecture {sae.cfg['architecture']} cannot be exported to sparsify: its coders are "
+                         "TopK only (train with --architecture topk)")
     W_enc, W_dec, b_enc, b_dec = (getattr(sae, n).detach().cpu().to(torch.float64) for n in
                                   ("W_enc", "W_dec", "b_enc", "b_dec"))
     if not sae.apply_b_dec_to_input:  # pre = x W_enc + b_enc = (x - b_dec) W_enc + (b_enc + b_dec W_enc)
@@ -89,14 +93,18 @@ def export_sparsify(cfg: SparsifyConfig, log=print) -> Path:
     TopK, or a hook without a known hookpoint and no ``--hookpoint``.
     """
     out_dir = Path(cfg.output_dir)
-    index = read_index(out_dir)
+    index = single_hook_index(out_dir, "saetool export sparsify")
     saes = [(Path(e["path"]).name, load_sae(out_dir / e["path"], device="cpu")) for e in index["members"]]
     hook = saes[0][1].cfg.get("hook_name") or index.get("store", {}).get("hook_name")
-    hookpoint = cfg.hookpoint or sparsify_hookpoint(hook)
     converted = [(name, *sparsify_weights(sae)) for name, sae in saes]
+    hookpoint = cfg.hookpoint or sparsify_hookpoint(hook)
     final = Path(cfg.export_dir) if cfg.export_dir else out_dir / "export" / "sparsify"
+    check_export_dir(final, [out_dir / e["path"] for e in index["members"]]
+                     + [Path(index.get("store", {}).get("path") or out_dir)])
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / EXPORT_MARK).write_text("written by saetool export; a later export may replace this folder\n")
     for name, tensors, sp_cfg in converted:
         folder = tmp / name / hookpoint
         folder.mkdir(parents=True)

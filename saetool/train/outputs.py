@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -65,7 +66,7 @@ def save_sweep(run, out: Path, metrics: dict | None, training: dict) -> dict | N
                 "metadata": {**arch_cfg["metadata"], "normalization_factor_folded": run.scale,
                              "model_name": spec.model, "hook_name": run.hook, **out_hook,
                              "context_size": spec.context_size,
-                             "prepend_bos": spec.extra.get("prepend_bos", True), "dataset_path": str(store.path),
+                             "prepend_bos": spec.extra.get("prepend_bos", True), "dataset_path": os.path.abspath(store.path),
                              "dataset": spec.dataset, "seed": ensemble.seeds[j],
                              "saetool_version": saetool.__version__},
             }
@@ -79,7 +80,7 @@ def save_sweep(run, out: Path, metrics: dict | None, training: dict) -> dict | N
         return None
     members = [m[1:] for m in sorted(payload, key=lambda m: m[0])]
     index = {"saetool_version": saetool.__version__, "config": dataclasses.asdict(cfg),
-             "store": {"path": str(store.path), "model": spec.model, "hook_name": run.hook, "n_rows": spec.n_rows,
+             "store": {"path": os.path.abspath(store.path), "model": spec.model, "hook_name": run.hook, "n_rows": spec.n_rows,
                        **({} if run.target is None else {"target_hook": run.target})},
              "sweep_param": ensemble.arch.SWEEP_PARAM, "training": training}
     write_sweep(out, members, index)

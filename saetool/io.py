@@ -222,6 +222,26 @@ def single_hook_index(path: str | os.PathLike, what: str) -> dict:
 EXPORT_MARK = ".saetool-export"
 
 
+def start_export(final: Path, out_dir: Path, index: dict) -> Path:
+    """Check the export folder `final` for the sweep `out_dir` (check_export_dir: its members and store are the
+    sources) and return a fresh `final`.tmp folder, marked as an export, to write into; finish_export publishes it."""
+    check_export_dir(final, [out_dir / e["path"] for e in index["members"]]
+                     + [Path(index.get("store", {}).get("path") or out_dir)])
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / EXPORT_MARK).write_text("written by saetool export; a later export may replace this folder\n")
+    return tmp
+
+
+def finish_export(tmp: Path, final: Path) -> None:
+    """Replace `final` (an earlier export, if any) by the finished `tmp` folder."""
+    if final.exists():
+        shutil.rmtree(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp.replace(final)
+
+
 def check_export_dir(final: Path, sources: list[Path]) -> None:
     """Refuse (ValueError, one line, nothing removed) an export folder that would replace anything but an earlier
     export: an existing folder that is not empty and lacks EXPORT_MARK, or one holding a sweep member or the store."""

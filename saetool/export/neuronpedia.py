@@ -29,7 +29,6 @@ from __future__ import annotations
 import gzip
 import json
 import re
-import shutil
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,7 +38,7 @@ import torch
 from safetensors.torch import save_file
 
 from saetool.config import _default_device, check_device
-from saetool.io import EXPORT_MARK, check_export_dir, load_sae, single_hook_index
+from saetool.io import finish_export, load_sae, single_hook_index, start_export
 
 __all__ = ["FEATURES_PER_BATCH", "NeuronpediaConfig", "export_neuronpedia", "log_sparsity"]
 
@@ -240,12 +239,7 @@ def export_neuronpedia(cfg: NeuronpediaConfig, model=None, log=print) -> Path:
     layer = re.match(r"blocks\.(\d+)\.", hook or "")
     now = datetime.now(timezone.utc).isoformat()
     final = Path(cfg.export_dir) if cfg.export_dir else out_dir / "export" / "neuronpedia"
-    check_export_dir(final, [out_dir / e["path"] for e in index["members"]]
-                     + [Path(index.get("store", {}).get("path") or out_dir)])
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (tmp / EXPORT_MARK).write_text("written by saetool export; a later export may replace this folder\n")
+    tmp = start_export(final, out_dir, index)
     sparsity = []
     for entry, sae, res in zip(entries, saes, results):
         n = len(res["density"])
@@ -269,10 +263,7 @@ def export_neuronpedia(cfg: NeuronpediaConfig, model=None, log=print) -> Path:
         full = np.zeros(sae.d_sae, dtype=np.int64)
         full[:n] = res["fired"]
         sparsity.append((out_dir / entry["path"] / SPARSITY_FILE, log_sparsity(full, res["n_tokens"])))
-    if final.exists():
-        shutil.rmtree(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp.replace(final)
+    finish_export(tmp, final)
     for path, values in sparsity:
         save_file({"sparsity": values}, str(path))
     log(f"export: {len(saes)} Neuronpedia sources in {final} (rows {rows[0]}..{rows[1]}); {SPARSITY_FILE} beside "

@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from saetool.io import DTYPES, EXPORT_MARK, check_export_dir, load_sae, single_hook_index
+from saetool.io import DTYPES, finish_export, load_sae, single_hook_index, start_export
 
 __all__ = ["SparsifyConfig", "export_sparsify", "sparsify_hookpoint", "sparsify_weights"]
 
@@ -99,20 +98,12 @@ def export_sparsify(cfg: SparsifyConfig, log=print) -> Path:
     converted = [(name, *sparsify_weights(sae)) for name, sae in saes]
     hookpoint = cfg.hookpoint or sparsify_hookpoint(hook)
     final = Path(cfg.export_dir) if cfg.export_dir else out_dir / "export" / "sparsify"
-    check_export_dir(final, [out_dir / e["path"] for e in index["members"]]
-                     + [Path(index.get("store", {}).get("path") or out_dir)])
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (tmp / EXPORT_MARK).write_text("written by saetool export; a later export may replace this folder\n")
+    tmp = start_export(final, out_dir, index)
     for name, tensors, sp_cfg in converted:
         folder = tmp / name / hookpoint
         folder.mkdir(parents=True)
         save_file(tensors, str(folder / "sae.safetensors"))
         (folder / "cfg.json").write_text(json.dumps(sp_cfg, indent=2) + "\n")
-    if final.exists():
-        shutil.rmtree(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp.replace(final)
+    finish_export(tmp, final)
     log(f"export: {len(converted)} sparsify coders ({hookpoint}) in {final}")
     return final

@@ -10,7 +10,8 @@ import sys
 
 import fire
 
-from saetool.config import GenerateConfig, SweepConfig, build, help_text
+from saetool.config import GenerateConfig, SweepConfig, build
+from saetool.flag_docs import help_text
 
 
 def generate(**flags):

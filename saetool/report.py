@@ -545,7 +545,7 @@ def run_report(cfg: ReportConfig, model=None, log=print) -> Path:
 
 def report_help() -> str:
     """Flag help of `saetool report` (the field docstrings of ReportConfig)."""
-    from saetool.config import help_text
+    from saetool.flag_docs import help_text
 
     return help_text(ReportConfig)
 

@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from saetool.config import GenerateConfig, SweepConfig, build, field_docs
+from saetool.config import GenerateConfig, SweepConfig, build
+from saetool.flag_docs import field_docs
 
 
 def run_cli(*args):
@@ -101,11 +102,11 @@ def test_readme_flag_tables_match_the_config_docstrings():
     # the README's tables are saetool.config.markdown_flags verbatim: a new or changed flag must update both
     from pathlib import Path
 
-    from saetool.config import markdown_flags, readme_tables
+    from saetool.flag_docs import markdown_flags, readme_tables
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     for cls, _ in readme_tables():
-        assert markdown_flags(cls) in readme, f"README flag table of {cls.__name__} is stale: python -m saetool.config"
+        assert markdown_flags(cls) in readme, f"README flag table of {cls.__name__} is stale: python -m saetool.flag_docs"
 
 
 def test_ctrl_c_is_one_line_with_the_resume_hint(monkeypatch, capsys):

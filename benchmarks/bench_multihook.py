@@ -7,6 +7,14 @@
 Same flags for both (standard, --l1_values of --members values, --ratio, --batch_size, one pass, no report). Counts
 the store's chunk reads of training rows (ActivationStore.read_rows calls of at most one chunk) and the wall time of
 each route, and checks that every member of (a) equals its twin of (b). Writes DIR/multihook.json.
+
+    .venv/bin/python benchmarks/bench_multihook.py --plan
+
+prints, without training, how `--parallel members` shares the members of several hooks across ranks for common
+models and hook sets (saetool.multihook.member_shares' cost model and saetool.distributed.partition_by_cost): the
+largest rank's cost over the mean (1.00 = perfect balance) against two simpler splits, equal member counts ignoring
+cost, and each hook's members split evenly over the ranks (what one member-parallel sweep per hook does, which
+leaves ranks idle when a hook has fewer members than ranks), and the most ensembles one rank holds.
 """
 
 from __future__ import annotations
@@ -46,14 +54,63 @@ def counted(fn, store_rows: int, chunk: int) -> tuple[float, int]:
         ActivationStore.read_rows = original
 
 
+# (case, [(d_in, d_out, members, ratio, skip), ...] one per hook, ranks)
+PLANS = [
+    ("SmolLM2-135M, resid_post x 30 layers, 16 members, ratio 8", [(576, 576, 16, 8, False)] * 30, 8),
+    ("SmolLM2-135M, resid_post (576) + mlp hook_post (1536) x 30 layers, 4 members, ratio 8",
+     [(576, 576, 4, 8, False), (1536, 1536, 4, 8, False)] * 30, 8),
+    ("SmolLM2-135M, skip transcoders mlp.hook_in -> hook_mlp_out x 30 layers, 4 members, ratio 16",
+     [(576, 576, 4, 16, True)] * 30, 8),
+    ("Gemma-2-2B, resid (2304), attn hook_z (2048), mlp hook_post (9216) x 26 layers, 4 members, ratio 8",
+     [(2304, 2304, 4, 8, False), (2048, 2048, 4, 8, False), (9216, 9216, 4, 8, False)] * 26, 8),
+    ("Pythia-70M, resid_post x 6 layers, 3 members (fewer than ranks per hook), ratio 32",
+     [(512, 512, 3, 32, False)] * 6, 8),
+]
+
+
+def _worst(costs: list[int], shares, ranks: int) -> float:
+    """The largest share's cost over the mean share's."""
+    return max(sum(costs[i] for i in share) for share in shares) / (sum(costs) / ranks)
+
+
+def plan() -> None:
+    """The --plan table (see the module docstring)."""
+    from saetool.distributed import partition_by_cost, split_evenly
+
+    print("| case | ranks | members | cost-balanced (ours) | equal counts | each hook split evenly | most ensembles "
+          "on one rank |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, hooks, ranks in PLANS:
+        costs = [int(d_in * ratio) * (d_in + d_out) + (d_in * d_out if skip else 0)
+                 for d_in, d_out, n, ratio, skip in hooks for _ in range(n)]
+        owner = [h for h, (_, _, n, _, _) in enumerate(hooks) for _ in range(n)]
+
+        ours = partition_by_cost(costs, ranks)
+        equal = [split_evenly(len(costs), ranks, r) for r in range(ranks)]
+        per_hook, offset = [[] for _ in range(ranks)], 0
+        for _, _, n, _, _ in hooks:
+            for r in range(ranks):
+                per_hook[r] += [offset + i for i in split_evenly(n, ranks, r)]
+            offset += n
+        ensembles = max(len({owner[i] for i in share}) for share in ours)
+        worst = [f"{_worst(costs, shares, ranks):.3f}" for shares in (ours, equal, per_hook)]
+        print(f"| {name} | {ranks} | {len(costs)} | {' | '.join(worst)} | "
+              f"{ensembles} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--store", required=True)
+    ap.add_argument("--plan", action="store_true", help="print the member shares of common cases; train nothing")
+    ap.add_argument("--store")
     ap.add_argument("--out", default="runs/bench")
     ap.add_argument("--members", type=int, default=4)
     ap.add_argument("--ratio", type=float, default=2.0)
     ap.add_argument("--batch_size", type=int, default=1024)
     args = ap.parse_args()
+    if args.plan:
+        return plan()
+    if not args.store:
+        ap.error("--store is required (or --plan)")
     store = ActivationStore.open(args.store)
     hooks, spec = store.spec.hook_names, store.spec
     work = Path(args.out) / "multihook"

@@ -179,7 +179,8 @@ class SweepConfig:
     """Train on this 2-D array of a Zarr group written by another tool (float16/bfloat16/float32 rows)."""
     parallel: str = "data"
     """With several processes: data (each batch split across ranks, gradients averaged by DDP) or members
-    (members partitioned across ranks, every rank reads the same batches)."""
+    (members partitioned across ranks, every rank reads the same batches; with several hooks, the members of all
+    hooks in contiguous shares balanced by cost)."""
     kernel: str = "auto"
     """Training step: fused (hand-derived backward, members in groups; standard and topk), autograd, or auto
     (fused where the architecture has it)."""

@@ -21,6 +21,50 @@ def split_evenly(n_items: int, world_size: int, rank: int) -> range:
     return range(start, start + base + (rank < extra))
 
 
+def partition_by_cost(costs: list[int], world_size: int) -> list[range]:
+    """Contiguous shares of items [0, len(costs)), one per rank in rank order, every share non-empty, that
+    minimise the largest share's total cost (the members of several ensembles, in order, split across
+    member-parallel ranks: a rank's members stay contiguous, so it holds few, wide ensembles).
+
+    The smallest feasible maximum T is found by bisection over integers (a greedy count of the fewest parts of
+    cost <= T decides feasibility); then each rank in turn ends its share at the item boundary nearest to its ideal
+    cumulative cost (rank r: (r + 1) * total / world_size; ties: the earlier boundary) among those that keep its
+    share <= T and leave a feasible rest. Equal costs give shares whose sizes differ by at most one ([1] * 5 on 2
+    ranks: range(0, 2), range(2, 5)). ValueError if there are fewer items than ranks or a cost is not a positive
+    integer."""
+    n = len(costs)
+    if n < world_size:
+        raise ValueError(f"{n} items cannot give each of {world_size} ranks one")
+    if any(int(c) != c or c < 1 for c in costs):
+        raise ValueError(f"costs must be positive integers, got {costs}")
+    prefix = [0]
+    for c in costs:
+        prefix.append(prefix[-1] + int(c))
+
+    def fewest_parts(limit: int) -> list[int]:
+        """need[j]: the fewest parts of cost <= limit covering items [j, n) (greedy from the right)."""
+        need, end = [0] * (n + 1), n
+        for j in range(n - 1, -1, -1):
+            while prefix[end] - prefix[j] > limit:
+                end -= 1
+            need[j] = 1 + need[end]
+        return need
+
+    low, high = max(int(c) for c in costs), prefix[-1]
+    while low < high:
+        mid = (low + high) // 2
+        low, high = (low, mid) if fewest_parts(mid)[0] <= world_size else (mid + 1, high)
+    need, shares, i = fewest_parts(low), [], 0
+    for rank in range(world_size):
+        later = world_size - rank - 1
+        ideal = (rank + 1) * prefix[-1] / world_size
+        ends = [j for j in range(i + 1, n - later + 1) if prefix[j] - prefix[i] <= low and need[j] <= later]
+        j = n if later == 0 else min(ends, key=lambda j: (abs(prefix[j] - ideal), j))
+        shares.append(range(i, j))
+        i = j
+    return shares
+
+
 @dataclass(frozen=True)
 class Dist:
     """This process's place in the process group (rank 0 of 1 without torch.distributed)."""

@@ -13,8 +13,14 @@ OUTPUT_DIR/sweep.json indexes every member (paths relative to OUTPUT_DIR, with h
 OUTPUT_DIR/metrics.md holds every held-out table. A transcoder sweep over the same input/output hook of every layer
 0..L-1 also writes circuit-tracer transcoder sets (saetool.transcoder_set).
 
-One process only for now: several processes (--parallel data|members), --checkpoint_every / --resume and --array
-are refused with one line.
+Across processes (Accelerate / torchrun): with --parallel data every rank holds every ensemble and trains on its
+share of each batch (as a one-hook data-parallel sweep); with --parallel members the members of all ensembles, in
+order, are split into contiguous shares balanced by their cost per row (saetool.distributed.partition_by_cost), so a
+rank holds members of one or several ensembles, possibly none of some (an idle run: it trains nothing there but
+takes part in that ensemble's logging, snapshots and saving). Every member equals its one-process training.
+--checkpoint_every writes each ensemble's checkpoint in its folder; --resume continues each from its own position
+(a run interrupted between two ensembles' checkpoints resumes each where it was) and keeps ensembles already saved.
+--array (one foreign array) is refused.
 """
 
 from __future__ import annotations
@@ -27,13 +33,16 @@ import torch
 
 import saetool
 from saetool.config import SweepConfig
-from saetool.distributed import Dist
-from saetool.io import INDEX_FILE, write_json
+from saetool.distributed import Dist, partition_by_cost, split_evenly
+from saetool.io import INDEX_FILE, read_index, write_json
 from saetool.loader import BatchLoader, DeviceFeed
 from saetool.store import ActivationStore, StoreError
-from saetool.train.loop import RunTrainer, describe
-from saetool.train.setup import SweepRun, setup_run
+from saetool.train.checkpoint import load_checkpoint
+from saetool.train.finish import finish_run, report_run
+from saetool.train.loop import RunTrainer, Trained, describe
+from saetool.train.setup import SweepRun, member_hyperparams, setup_run
 from saetool.train.step import choose_step
+from saetool.transcoder_set import write_transcoder_sets
 
 
 def _split(value: str | None) -> list[str]:
@@ -66,15 +75,40 @@ def hook_pairs(cfg: SweepConfig, store: ActivationStore) -> list[tuple[str, str 
     return list(zip(names, targets, strict=True))
 
 
-def _refuse(cfg: SweepConfig, dist: Dist) -> None:
-    """The settings a multi-hook sweep cannot take yet (one line each)."""
-    if dist.active:
-        raise ValueError(f"--hook_name {cfg.hook_name}: several hooks train in one process only for now "
-                         f"({dist.world_size} processes); launch one sweep per hook")
-    for flag, given in (("checkpoint_every", cfg.checkpoint_every), ("resume", cfg.resume),
-                        ("array", cfg.array is not None)):
-        if given:
-            raise ValueError(f"--{flag} cannot act on a sweep of several hooks (--hook_name {cfg.hook_name}) yet")
+def _refuse(cfg: SweepConfig) -> None:
+    """The setting a multi-hook sweep cannot take (one line)."""
+    if cfg.array is not None:
+        raise ValueError(f"--array names one foreign array; it cannot act on a sweep of several hooks (--hook_name "
+                         f"{cfg.hook_name})")
+
+
+def member_cost(cfg: SweepConfig, store: ActivationStore) -> int:
+    """The work of one member of `cfg`'s ensemble per row, in multiply-adds: d_sae (d_in + d_out) for the encoder
+    and decoder, plus d_in d_out for a skip connection."""
+    d_in = store.width(cfg.hook_name)
+    d_out = store.width(cfg.target_hook or cfg.hook_name)
+    skip = d_in * d_out if cfg.skip_connection and cfg.target_hook else 0
+    return int(d_in * cfg.ratio) * (d_in + d_out) + skip
+
+
+def member_shares(subs: list[SweepConfig], store: ActivationStore, dist: Dist) -> list[range | None]:
+    """This rank's members of each ensemble with --parallel members over several processes (None each otherwise):
+    the members of all ensembles, in order, split into contiguous shares balanced by cost
+    (saetool.distributed.partition_by_cost), so a rank may hold members of several ensembles, or none of one.
+    ValueError (one line) with fewer members than processes."""
+    if not (dist.active and subs[0].parallel == "members"):
+        return [None] * len(subs)
+    sizes = [len(next(iter(member_hyperparams(sub).values()))) for sub in subs]
+    if sum(sizes) < dist.world_size:
+        raise ValueError(f"--parallel members needs at least one member per process ({sum(sizes)} members of "
+                         f"{len(subs)} hooks, {dist.world_size} processes)")
+    costs = [member_cost(sub, store) for sub, n in zip(subs, sizes) for _ in range(n)]
+    mine, shares, offset = partition_by_cost(costs, dist.world_size)[dist.rank], [], 0
+    for n in sizes:
+        start, stop = max(mine.start, offset), min(mine.stop, offset + n)
+        shares.append(range(start - offset, max(start, stop) - offset))
+        offset += n
+    return shares
 
 
 def _columns(run: SweepRun, hooks: list[str], widths: list[int]) -> torch.Tensor:
@@ -86,18 +120,44 @@ def _columns(run: SweepRun, hooks: list[str], widths: list[int]) -> torch.Tensor
 
 def run_multi_hook(cfg: SweepConfig, log=print) -> dict | None:
     """Train one ensemble per hook (or pair) of `cfg` on the same row batches and save them (see the module
-    docstring); returns OUTPUT_DIR/sweep.json's index. Every check raises one line before training starts."""
+    docstring); returns OUTPUT_DIR/sweep.json's index on rank 0 (None on other ranks). Every check raises one line
+    before training starts. With --resume, ensembles already saved are read back and the others continue from their
+    checkpoints, each from its own position."""
     dist, out = Dist.current(), Path(cfg.output_dir)
-    _refuse(cfg, dist)
+    _refuse(cfg)
     if (out / INDEX_FILE).exists():
         raise ValueError(f"{out} already holds a finished sweep; choose another --output_dir or delete it")
     store = ActivationStore.open(cfg.dataset_dir)
-    pairs = hook_pairs(cfg, store)
-    subs = [dataclasses.replace(cfg, hook_name=h, target_hook=t, output_dir=str(out / h)) for h, t in pairs]
+    subs = [dataclasses.replace(cfg, hook_name=h, target_hook=t, output_dir=str(out / h))
+            for h, t in hook_pairs(cfg, store)]
     for sub in subs:
         sub.validate()
-    runs = [setup_run(sub, dist, log) for sub in subs]
-    steps = [choose_step(sub, run.ensemble, run.optimizer, dist, False, run.total_steps) for sub, run in zip(subs, runs)]
+    done = {i: read_index(sub.output_dir) for i, sub in enumerate(subs)
+            if cfg.resume and (Path(sub.output_dir) / INDEX_FILE).exists()}
+    shares = member_shares(subs, store, dist)
+    runs = {i: setup_run(sub, dist, log, shares[i]) for i, sub in enumerate(subs) if i not in done}
+    if runs:
+        trained = _train_together(cfg, store, list(runs.values()), dist, log)
+        for (i, run), result in zip(runs.items(), trained, strict=True):
+            done[i] = finish_run(run, result, log, report=False)
+    if not dist.is_main:
+        return None
+    ensembles = [(Path(sub.output_dir), done[i]) for i, sub in enumerate(subs)]
+    index = _write_index(cfg, out, ensembles, log)
+    if cfg.report and cfg.eval_tokens:  # after every ensemble is saved (ranks do not wait on rank 0's reports)
+        for sub in subs:
+            if not (Path(sub.output_dir) / "report" / "index.html").exists():
+                report_run(sub, store.spec.model, log)
+    return index
+
+
+def _train_together(cfg: SweepConfig, store: ActivationStore, runs: list[SweepRun], dist: Dist, log) -> list[Trained]:
+    """Train `runs` in lockstep on one loader of every hook they need; each run from its own checkpoint position
+    (a resumed run skips the batches it had trained). Returns each run's Trained."""
+    states = [load_checkpoint(run, log) for run in runs]
+    steps = [None if run.idle else choose_step(run.cfg, run.ensemble, run.optimizer, dist, run.data_parallel,
+                                               run.total_steps, precision=(state or {}).get("precision"))
+             for run, state in zip(runs, states)]
     hooks = list(dict.fromkeys(h for run in runs for h in (run.hook, run.target) if h))
     loader = BatchLoader(store, hooks, cfg.batch_size, runs[0].train_rows, seed=cfg.seed,
                          shuffle_chunks=cfg.shuffle_chunks)
@@ -105,48 +165,55 @@ def run_multi_hook(cfg: SweepConfig, log=print) -> dict | None:
     for run, step in zip(runs, steps):
         log(describe(run, step))
     log(f"{len(runs)} ensembles on the same batches: each step reads {len(hooks)} hooks of the store once")
-    trainers = [RunTrainer(run, step, None, log) for run, step in zip(runs, steps)]
+    trainers = [RunTrainer(run, step, state, log) for run, step, state in zip(runs, steps, states)]
+    data_parallel = runs[0].data_parallel
+
+    def shares(batches):  # (the whole host batch, this rank's rows of it for the device)
+        for x in batches:
+            rows = split_evenly(len(x), dist.world_size, dist.rank) if data_parallel else range(len(x))
+            yield x, x[rows.start : rows.stop]
+
     start = time.perf_counter()
     try:
-        for epoch in range(cfg.n_repetitions):
-            for t in trainers:
-                t.start_epoch(epoch)
-            for i, (x, x_dev) in enumerate(DeviceFeed(((x, x) for x in loader.epoch(epoch)), cfg.device)):
+        for epoch in range(min(t.at.epoch for t in trainers), cfg.n_repetitions):
+            active = [(run, t, cols, t.start_epoch(epoch)) for run, t, cols in zip(runs, trainers, columns)
+                      if t.at.epoch <= epoch]
+            first = min(f for *_, f in active)
+            feed = DeviceFeed(shares(loader.epoch(epoch, start_batch=first)), cfg.device)
+            for i, (x, x_dev) in enumerate(feed, start=first):
                 x_dev = x_dev.float()
-                for run, t, cols in zip(runs, trainers, columns):
-                    x_run = x_dev.index_select(1, cols)
-                    host = x.index_select(1, cols.cpu()) if run.cfg.resample_every else x  # resampling reads it
-                    t.batch(epoch, i, host, x_run * run.scale if run.scale != 1.0 else x_run)
-            for t in trainers:
+                for run, t, cols, f in active:
+                    if i >= f:
+                        t.batch(epoch, i, x.index_select(1, cols.cpu()) if run.cfg.resample_every else x,
+                                None if run.idle else x_dev.index_select(1, cols) * run.scale)
+            for _, t, _, _ in active:
                 t.end_epoch(epoch)
+        for t in trainers:
+            t.end()
     finally:
         for t in trainers:
             t.close()
     seconds = time.perf_counter() - start
-    from saetool.sweep import finish_run
-
-    indexes = [finish_run(run, t.result(seconds), log) for run, t in zip(runs, trainers)]
-    return _write_index(cfg, out, runs, indexes, log)
+    return [t.result(seconds) for t in trainers]
 
 
-def _write_index(cfg: SweepConfig, out: Path, runs: list[SweepRun], indexes: list[dict], log) -> dict:
+def _write_index(cfg: SweepConfig, out: Path, ensembles: list[tuple[Path, dict]], log) -> dict:
     """OUTPUT_DIR/sweep.json indexing every member of every hook, metrics.md, and transcoder sets."""
-    from saetool.transcoder_set import write_transcoder_sets
-
-    members = [{**m, "path": f"{run.hook}/{m['path']}", "ensemble": run.hook, "hook_name": run.hook,
-                **({"target_hook": run.target} if run.target else {})}
-               for run, index in zip(runs, indexes) for m in index["members"]]
+    names = [folder.name for folder, _ in ensembles]
+    members = [{**m, "path": f"{name}/{m['path']}", "ensemble": name, "hook_name": ix["store"]["hook_name"],
+                **({"target_hook": ix["store"]["target_hook"]} if ix["store"].get("target_hook") else {})}
+               for name, (_, ix) in zip(names, ensembles) for m in ix["members"]]
     index = {"saetool_version": saetool.__version__, "config": dataclasses.asdict(cfg),
-             "ensembles": {run.hook: {"config": dataclasses.asdict(run.cfg), "training": ix.get("training", {}),
-                                      "sweep_param": ix["sweep_param"], "target_hook": run.target}
-                           for run, ix in zip(runs, indexes)},
-             "store": {**indexes[0]["store"], "hook_name": [run.hook for run in runs]},
-             "sweep_param": "hook_name", "members": members}
-    sets = write_transcoder_sets(out, runs, indexes, log)
+             "ensembles": {name: {"config": ix["config"], "training": ix.get("training", {}),
+                                  "sweep_param": ix["sweep_param"], "target_hook": ix["store"].get("target_hook")}
+                           for name, (_, ix) in zip(names, ensembles)},
+             "store": {**ensembles[0][1]["store"], "hook_name": names}, "sweep_param": "hook_name", "members": members}
+    index["store"].pop("target_hook", None)
+    sets = write_transcoder_sets(out, ensembles, log)
     if sets:
         index["transcoder_sets"] = sets
     write_json(out / INDEX_FILE, index)
-    tables = [(run.hook, run.out / "metrics.md") for run in runs]
+    tables = [(name, folder / "metrics.md") for name, (folder, _) in zip(names, ensembles)]
     if all(path.exists() for _, path in tables):
-        (out / "metrics.md").write_text("".join(f"## {hook}\n\n{path.read_text()}\n" for hook, path in tables))
+        (out / "metrics.md").write_text("".join(f"## {name}\n\n{path.read_text()}\n" for name, path in tables))
     return index

@@ -29,11 +29,14 @@ from saetool.config import SweepConfig
 from saetool.distributed import Dist
 from saetool.io import INDEX_FILE, write_json
 from saetool.lock import writer_lock
-from saetool.train.checkpoint import fingerprint
-from saetool.train.loop import Trained, describe, train
-from saetool.train.outputs import evaluate, frontier_table, metrics_table, save_sweep
-from saetool.train.setup import SweepRun, setup_run
+from saetool.multihook import run_multi_hook
+from saetool.train.checkpoint import load_checkpoint
+from saetool.train.finish import finish_run
+from saetool.train.loop import describe, train
+from saetool.train.outputs import frontier_table
+from saetool.train.setup import setup_run
 from saetool.train.step import choose_step
+from saetool.transcoder_set import write_transcoder_sets
 
 
 def run_sweep(cfg: SweepConfig, log=print) -> dict | None:
@@ -49,92 +52,22 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict | None:
         if cfg.ensembles:
             return run_ensembles(cfg, log)
         if several_hooks(cfg):
-            return run_hooks(cfg, log)
+            return run_multi_hook(cfg, log)
         return _train_and_save(cfg, log)
 
 
 def _train_and_save(cfg: SweepConfig, log) -> dict | None:
     run = setup_run(cfg, Dist.current(), log)
-    state = _load_checkpoint(run, log)
+    state = load_checkpoint(run, log)
     step = choose_step(cfg, run.ensemble, run.optimizer, run.dist, run.data_parallel, run.total_steps,
                        precision=state.get("precision") if state else None)
     log(describe(run, step))
     return finish_run(run, train(run, step, state, log), log)
 
 
-def finish_run(run: SweepRun, trained: Trained, log) -> dict | None:
-    """After training: held-out evaluation, the saved sweep folder, metrics.md, the report; the index (rank 0)."""
-    cfg = run.cfg
-    metrics = None
-    if run.eval_rows and (run.by_members or run.dist.is_main):
-        metrics = evaluate(run.ensemble, run.store, run.hook, run.eval_rows, cfg.batch_size, cfg.device, run.scale,
-                           run.target)
-    try:
-        index = save_sweep(run, run.out, metrics, trained.summary)
-    except OSError as e:
-        kept = (f"the trained state is kept in {run.out / 'checkpoint'}: free space and rerun with --resume True to "
-                "save it without retraining") if cfg.checkpoint_every else "nothing was kept (no --checkpoint_every)"
-        raise ValueError(f"saving the sweep to {run.out} failed ({e.strerror or e}); {kept}") from None
-    run.checkpointer.remove()
-    if index is None:
-        return None
-    trained.logger.finish(index["members"])
-    if metrics is not None:
-        _write_metrics(run, index, log)
-    log(f"saved {run.n_members} SAEs to {run.out}")
-    if cfg.report and metrics is not None:
-        _report(run, log)
-    return index
-
-
 def several_hooks(cfg: SweepConfig) -> bool:
     """True when --hook_name is "all" or a list of hooks (saetool.multihook)."""
     return cfg.hook_name is not None and (cfg.hook_name == "all" or "," in cfg.hook_name)
-
-
-def run_hooks(cfg: SweepConfig, log=print) -> dict | None:
-    """--hook_name all / a list: one ensemble per hook (or input/target pair) on the same row batches
-    (saetool.multihook.run_multi_hook)."""
-    from saetool.multihook import run_multi_hook
-
-    return run_multi_hook(cfg, log)
-
-
-def _load_checkpoint(run: SweepRun, log) -> dict | None:
-    """The checkpoint to resume from with --resume (None without one). ValueError if it was made with other
-    settings."""
-    if not run.cfg.resume:
-        return None
-    if not run.checkpointer.exists():
-        log(f"--resume: no checkpoint in {run.out}; starting from scratch")
-        return None
-    state = run.checkpointer.load()
-    if state["fingerprint"] != fingerprint(run.cfg, run.dist):
-        raise ValueError(f"the checkpoint in {run.out} was made with other settings; rerun with those or delete it")
-    log(f"resuming {run.out} at step {state['steps']} (epoch {state['epoch']}, batch {state['batch_in_epoch']})")
-    return state
-
-
-def _write_metrics(run: SweepRun, index: dict, log) -> None:
-    table = metrics_table(index["members"], index["sweep_param"])
-    n_eval = index["members"][0]["metrics"]["n_tokens"]
-    (run.out / "metrics.md").write_text(f"Held-out evaluation on {n_eval} rows of {run.store.path}\n\n{table}\n")
-    log(table)
-
-
-def _report(run: SweepRun, log) -> None:
-    """The HTML report of the finished sweep (`saetool report`), with spliced CE/KL on --report_contexts."""
-    cfg = run.cfg
-    if cfg.array is not None:
-        log("report skipped: `saetool report` does not read foreign --array stores yet")
-        return
-    from saetool.config import build
-    from saetool.report import ReportConfig, run_report
-
-    no_model = cfg.report_contexts == 0 or run.store.spec.model == "synthetic"
-    run_report(build(ReportConfig, {"output_dir": str(run.out), "device": str(cfg.device), "variants_per_forward": 4,
-                                    "eval_contexts": cfg.report_contexts or None,
-                                    "model": "none" if no_model else None}), log=log)
 
 
 def load_sweep_config(path: str | os.PathLike) -> dict:
@@ -211,6 +144,9 @@ def run_ensembles(cfg: SweepConfig, log=print) -> dict | None:
                                   "sweep_param": index["sweep_param"]} for name, sub, index in runs},
              "store": runs[0][2]["store"], "sweep_param": "architecture", "members": members}
     out.mkdir(parents=True, exist_ok=True)
+    sets = write_transcoder_sets(out, [(Path(sub.output_dir), ix) for _, sub, ix in runs], log)
+    if sets:
+        index["transcoder_sets"] = sets
     write_json(out / INDEX_FILE, index)
     if all(m["metrics"] for m in members):
         table = frontier_table(members)

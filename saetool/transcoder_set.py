@@ -1,4 +1,5 @@
-"""circuit-tracer transcoder sets from a sweep of transcoders over every layer (saetool.multihook).
+"""circuit-tracer transcoder sets from a sweep of transcoders over every layer (a multi-hook sweep, saetool.multihook,
+or a --config run of one ensemble per layer, saetool.sweep.run_ensembles).
 
 circuit-tracer (safety-research/circuit-tracer, utils/hf_utils.py load_transcoders and
 transcoder/single_layer_transcoder.py load_transcoder_set / load_transcoder) reads a folder holding
@@ -42,31 +43,36 @@ def circuit_tracer_tensors(weights: dict[str, torch.Tensor]) -> dict[str, torch.
     return {k: v.float().contiguous() for k, v in out.items()}
 
 
-def _layout(runs) -> tuple[dict[int, int], str, str] | str:
-    """({layer: run position}, input hook suffix, output hook suffix) when `runs` are transcoders of the same
-    blocks.{L}.<in> -> blocks.{L}.<out> at layers 0..n-1 with the same members; else the reason (a string)."""
-    parsed = [(_BLOCK.match(r.hook), _BLOCK.match(r.target or "")) for r in runs]
+def _layout(indexes: list[dict]) -> tuple[dict[int, int], str, str] | str:
+    """({layer: ensemble position}, input hook suffix, output hook suffix) when the ensembles (their sweep.json
+    indexes) are transcoders of the same blocks.{L}.<in> -> blocks.{L}.<out> at layers 0..n-1 with the same
+    members; else the reason (a string)."""
+    parsed = [(_BLOCK.match(ix["store"]["hook_name"]), _BLOCK.match(ix["store"].get("target_hook") or ""))
+              for ix in indexes]
     if not all(a and b and a[1] == b[1] for a, b in parsed):
         return "every pair must be blocks.L.<input> -> blocks.L.<output> of one layer"
     suffixes = {(a[2], b[2]) for a, b in parsed}
     if len(suffixes) != 1:
         return f"the pairs use different hooks ({sorted(suffixes)})"
     layers = {int(a[1]): i for i, (a, _) in enumerate(parsed)}
-    if sorted(layers) != list(range(len(runs))):
+    if sorted(layers) != list(range(len(indexes))):
         return f"circuit-tracer needs every layer from 0, the sweep has layers {sorted(layers)}"
-    if len({(r.cfg.architecture, r.cfg.skip_connection, str(r.hyper)) for r in runs}) != 1:
+    kinds = {(ix["config"]["architecture"], ix["config"]["skip_connection"],
+              str([m[ix["sweep_param"]] for m in ix["members"]])) for ix in indexes}
+    if len(kinds) != 1:
         return "the layers' ensembles differ in architecture or hyperparameters"
     (suffix_in, suffix_out), = suffixes
     return layers, suffix_in, suffix_out
 
 
-def write_transcoder_sets(out: Path, runs, indexes: list[dict], log=print) -> list[str]:
-    """Write one circuit-tracer transcoder set per member under out/transcoder_sets/ when `runs` (with their sweep
-    indexes) cover one input/output hook pair at every layer 0..n-1 (else log why not, for transcoder sweeps).
-    Returns the sets' paths relative to `out`."""
-    if not runs or not all(r.target for r in runs):
+def write_transcoder_sets(out: Path, ensembles: list[tuple[Path, dict]], log=print) -> list[str]:
+    """Write one circuit-tracer transcoder set per member under out/transcoder_sets/ when the `ensembles` ((sweep
+    folder, its sweep.json index) each) are transcoders of one input/output hook pair at every layer 0..n-1 (else
+    log why not, when every ensemble is a transcoder). Returns the sets' paths relative to `out`."""
+    indexes = [ix for _, ix in ensembles]
+    if not indexes or not all(ix["store"].get("target_hook") for ix in indexes):
         return []
-    layout = _layout(runs)
+    layout = _layout(indexes)
     if isinstance(layout, str):
         log(f"no circuit-tracer transcoder set: {layout}")
         return []
@@ -77,10 +83,11 @@ def write_transcoder_sets(out: Path, runs, indexes: list[dict], log=print) -> li
         folder.mkdir(parents=True, exist_ok=True)
         config = {"model_kind": "transcoder_set", "model_name": indexes[0]["store"]["model"],
                   "feature_input_hook": suffix_in, "feature_output_hook": suffix_out}
-        if runs[0].cfg.architecture == "topk":
+        if indexes[0]["config"]["architecture"] == "topk":
             config.update(activation="topk", k=int(member["k"]))
         for layer, i in sorted(layers.items()):
-            path = runs[i].out / indexes[i]["members"][j]["path"] / WEIGHTS_FILE
+            folder_i, index_i = ensembles[i]
+            path = folder_i / index_i["members"][j]["path"] / WEIGHTS_FILE
             save_file(circuit_tracer_tensors(load_file(str(path))), str(folder / f"layer_{layer}.safetensors"))
         (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         written.append(str(folder.relative_to(out)))

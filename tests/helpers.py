@@ -86,3 +86,43 @@ def interrupt_on_call(monkeypatch, module, name: str, n: int) -> None:
         return real(*args, **kwargs)
 
     monkeypatch.setattr(module, name, wrapped)
+
+
+def launch(n_procs: int, args: list[str], timeout: int = 240, wait: bool = True):
+    """`accelerate launch launch/sweep.py ARGS` with n_procs CPU processes (gloo, one thread each). Waits for it and
+    asserts it succeeded (returns the CompletedProcess), or with wait=False returns the Popen of a new session
+    (kill its process group to kill every rank)."""
+    import os
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n_procs),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           str(root / "launch" / "sweep.py"), *args]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    if not wait:
+        return subprocess.Popen(cmd, env=env, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+    r = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout, env=env, cwd=root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def kill_processes_with(text: str) -> int:
+    """SIGKILL every process whose command line holds `text` (torchrun's workers run in sessions of their own, so
+    killing the launcher's process group does not reach them); returns how many were killed."""
+    import os
+    import signal
+
+    killed = 0
+    for entry in pathlib.Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed += 1
+        except (OSError, ProcessLookupError):
+            pass
+    return killed

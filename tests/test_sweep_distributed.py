@@ -2,7 +2,6 @@
 checkpoint + resume (also after SIGKILL), and the compiled step against eager."""
 
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import saetool.sweep as sweep_mod
 import saetool.train.step as step_mod
 from saetool.config import SweepConfig
 from saetool.io import load_sweep, read_index
-from tests.helpers import interrupt_on_call
+from tests.helpers import interrupt_on_call, launch
 from tests.synthetic import write_store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,16 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 def data(n=600, d=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, d, generator=g) * torch.linspace(0.5, 3, d) + 1.0
-
-
-def launch(n_procs, args, timeout=240):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n_procs),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-           str(ROOT / "launch" / "sweep.py"), *args]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r
 
 
 def flags(store, out, **kw):

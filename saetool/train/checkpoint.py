@@ -14,20 +14,36 @@ from pathlib import Path
 
 import torch
 
-from saetool.config import SweepConfig
 from saetool.distributed import Dist
 
 # Settings that may differ between a checkpointed run and its resumption.
 RESUME_FREE = ("resume", "checkpoint_every", "device", "compile", "kernel", "member_group")
 
 
-def fingerprint(cfg: SweepConfig, dist: Dist) -> dict:
-    """The settings a checkpoint records and a resumed run must repeat (with --parallel members, also the world
-    size, since each rank's file holds its own members)."""
-    key = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_FREE}
-    if cfg.parallel == "members":
-        key["world_size"] = dist.world_size
+def fingerprint(run) -> dict:
+    """The settings a checkpoint of `run` (a saetool.train.setup.SweepRun) records and a resumed run must repeat
+    (with --parallel members, also the world size and this rank's members, since each rank's file holds its own)."""
+    key = {k: v for k, v in dataclasses.asdict(run.cfg).items() if k not in RESUME_FREE}
+    if run.cfg.parallel == "members":
+        key["world_size"] = run.dist.world_size
+        if run.by_members:
+            key["members"] = [run.local.start, run.local.stop]
     return key
+
+
+def load_checkpoint(run, log=print) -> dict | None:
+    """The checkpoint `run` resumes from with --resume (None without --resume, or with no checkpoint yet).
+    ValueError (one line) if it was made with other settings."""
+    if not run.cfg.resume:
+        return None
+    if not run.checkpointer.exists():
+        log(f"--resume: no checkpoint in {run.out}; starting from scratch")
+        return None
+    state = run.checkpointer.load()
+    if state["fingerprint"] != fingerprint(run):
+        raise ValueError(f"the checkpoint in {run.out} was made with other settings; rerun with those or delete it")
+    log(f"resuming {run.out} at step {state['steps']} (epoch {state['epoch']}, batch {state['batch_in_epoch']})")
+    return state
 
 
 class Checkpointer:

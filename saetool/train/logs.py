@@ -49,16 +49,18 @@ class TrainLogger:
         self.bar = tqdm(total=run.loader.n_rows * cfg.n_repetitions, initial=tokens, unit="tok", unit_scale=True,
                         desc="sweep", smoothing=0.1, disable=not dist.is_main)
 
-    def step(self, stats: dict[str, torch.Tensor], steps: int, tokens: int, n_rows: int, lr: float) -> None:
-        """After step `steps` (1-based) trained on n_rows rows: advance the bar, log every LOG_EVERY steps."""
+    def step(self, stats: dict[str, torch.Tensor] | None, steps: int, tokens: int, n_rows: int, lr: float) -> None:
+        """After step `steps` (1-based) trained on n_rows rows: advance the bar, log every LOG_EVERY steps. `stats`
+        is None on a member-parallel rank that holds none of the run's members (it still takes part)."""
         self.bar.update(n_rows)
         if (steps - 1) % LOG_EVERY:
             return
         if self.data_parallel:
             stats = {k: self.dist.all_reduce_sum(v.clone()) for k, v in stats.items()}
         elif self.by_members:
-            parts = self.dist.all_gather_objects({k: v.cpu() for k, v in stats.items()})
-            stats = {k: torch.cat([p[k] for p in parts]) for k in stats}
+            parts = self.dist.all_gather_objects(None if stats is None else {k: v.cpu() for k, v in stats.items()})
+            parts = [p for p in parts if p is not None]
+            stats = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         if self.file is None:
             return
         self.file.write(json.dumps({"step": steps, "tokens": tokens, "lr": lr,

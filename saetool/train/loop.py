@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from saetool.recipes import DeadLatentTracker, coefficient_multiplier, lr_multiplier, resample_dead_latents
+from saetool.saes import get_architecture
 from saetool.train.checkpoint import fingerprint
 from saetool.train.feed import device_batches
 from saetool.train.logs import TrainLogger
@@ -41,18 +42,22 @@ class Trained:
     logger: TrainLogger
 
 
-def describe(run: SweepRun, step: Step) -> str:
-    """The one-line summary printed before training."""
-    cfg, dist, param = run.cfg, run.dist, run.ensemble.arch.SWEEP_PARAM
+def describe(run: SweepRun, step: Step | None) -> str:
+    """The one-line summary printed before training (this rank's; step None for an idle run)."""
+    cfg, dist = run.cfg, run.dist
+    param = get_architecture(cfg.architecture).SWEEP_PARAM
     values = run.hyper[param]
     kind, hooks = "SAEs", f"hook {run.hook}"
+    d_in, d_out = run.store.width(run.hook), run.store.width(run.target or run.hook)
     if run.target is not None:
         kind = "skip transcoders" if cfg.skip_connection else "transcoders"
-        hooks = f"d_out {run.ensemble.d_out}, hooks {run.hook} -> {run.target}"
+        hooks = f"d_out {d_out}, hooks {run.hook} -> {run.target}"
+    members = f", members {run.local.start}..{run.local.stop - 1} here" if run.by_members and not run.idle else ""
     return (f"sweep: {run.n_members} {cfg.architecture} {kind} ({param} {values[0]:.3g}..{values[-1]:.3g}), "
-            f"d_in {run.ensemble.d_in}, d_sae {run.ensemble.d_sae}, {hooks}, {run.loader.n_rows} training "
+            f"d_in {d_in}, d_sae {int(d_in * cfg.ratio)}, {hooks}, {run.loader.n_rows} training "
             f"rows x {cfg.n_repetitions}, device {cfg.device}, {dist.world_size} process(es)"
-            + (f", parallel {cfg.parallel}" if dist.active else "") + f", {step.describe()}")
+            + (f", parallel {cfg.parallel}" if dist.active else "") + members
+            + (f", {step.describe()}" if step else ", no member on this rank"))
 
 
 def train(run: SweepRun, step: Step, state: dict | None, log=print) -> Trained:
@@ -74,13 +79,15 @@ def train(run: SweepRun, step: Step, state: dict | None, log=print) -> Trained:
 class RunTrainer:
     """One run's training, batch by batch: `start_epoch(e)` -> first batch, `batch(e, i, x, x_local)` for each batch,
     `end_epoch(e)`, `end()`, `close()`, `result(seconds)`. `train` drives one run with it; several runs on the same
-    row batches (saetool.multihook) drive one RunTrainer each in lockstep."""
+    row batches (saetool.multihook) drive one RunTrainer each in lockstep. An idle run (no member on this
+    member-parallel rank; step None) trains nothing but takes part in the run's collectives (logs, snapshots,
+    checkpoints) at the same steps as the ranks that train it."""
 
-    def __init__(self, run: SweepRun, step: Step, state: dict | None, log=print):
+    def __init__(self, run: SweepRun, step: Step | None, state: dict | None, log=print):
         cfg = run.cfg
         self.run, self.step, self.log = run, step, log
         self.tracker = None
-        if cfg.auxk_coefficient or cfg.resample_every:
+        if (cfg.auxk_coefficient or cfg.resample_every) and not run.idle:
             self.tracker = DeadLatentTracker(len(run.local), run.ensemble.d_sae, cfg.dead_window, cfg.device)
         self.at = _restore(run, self.tracker, state)
         self.logger = TrainLogger(run, self.at.steps, self.at.tokens, log)
@@ -99,9 +106,11 @@ class RunTrainer:
         """Train on batch i of `epoch`: x the whole batch on the host, x_local this rank's rows on the device."""
         run, cfg, at, tracker = self.run, self.run.cfg, self.at, self.tracker
         lr = _set_schedules(run, at.steps, self.restarts)
-        dead = tracker.dead if tracker is not None and cfg.auxk_coefficient else None
-        stats = self.step(x_local, len(x), dead)
-        fired = stats.pop("fired")
+        stats = None
+        if not run.idle:
+            dead = tracker.dead if tracker is not None and cfg.auxk_coefficient else None
+            stats = self.step(x_local, len(x), dead)
+            fired = stats.pop("fired")
         at.steps += 1
         if tracker is not None:
             _track_dead(run, tracker, fired, x, at.steps, self.log)
@@ -132,14 +141,17 @@ class RunTrainer:
         """The summary of the training (sweep.json's "training") after `seconds` of it."""
         run, cfg, step, at = self.run, self.run.cfg, self.step, self.at
         rate = self.trained_here / max(seconds, 1e-9)
+        kernel = None if step is None else {"compiled": step.compiled, "kernel": "fused" if step.fused else "autograd",
+                                            "precision": step.precision, "grad_clip_norm": step.grad_clip_norm}
+        if run.by_members:  # an idle rank 0 reports the step of the first rank that trains members
+            kernel = next(k for k in run.dist.all_gather_objects(kernel) if k is not None)
         resumed = f" ({self.trained_here} tokens in this run)" if self.trained_here != at.tokens else ""
         self.log(f"trained {at.steps} steps, {at.tokens} tokens{resumed}; this run {seconds:.1f} s ({rate:.0f} "
                  f"tokens/s, {rate * run.n_members:.0f} SAE-tokens/s)")
         summary = {"steps": at.steps, "tokens": at.tokens, "seconds_this_run": round(seconds, 2),
                    "tokens_per_s": round(rate, 1), "sae_tokens_per_s": round(rate * run.n_members, 1),
                    "world_size": run.dist.world_size, "parallel": cfg.parallel if run.dist.active else "none",
-                   "compiled": step.compiled, "kernel": "fused" if step.fused else "autograd",
-                   "precision": step.precision, "grad_clip_norm": step.grad_clip_norm}
+                   **kernel}
         return Trained(summary, self.logger)
 
 
@@ -166,19 +178,23 @@ def _restore(run: SweepRun, tracker: DeadLatentTracker | None, state: dict | Non
     """Load a checkpoint's weights, Adam state, RNG and dead-latent counters; its position (or the start)."""
     if state is None:
         return Position()
-    run.ensemble.load_state_dict(state["ensemble"])
-    run.optimizer.load_state_dict(state["optimizer"])
+    if not run.idle:
+        run.ensemble.load_state_dict(state["ensemble"])
+        run.optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
     if tracker is not None:
         tracker.since.copy_(state["dead_since"])
     return Position(state["epoch"], state["batch_in_epoch"], state["steps"], state["tokens"])
 
 
-def _checkpoint(run: SweepRun, step: Step, tracker: DeadLatentTracker | None, at: Position) -> None:
-    run.checkpointer.save({"ensemble": run.ensemble.state_dict(), "optimizer": run.optimizer.state_dict(),
+def _checkpoint(run: SweepRun, step: Step | None, tracker: DeadLatentTracker | None, at: Position) -> None:
+    """Save the run's state at position `at` (an idle run: the position only, in its rank's file)."""
+    idle = run.idle
+    run.checkpointer.save({"ensemble": None if idle else run.ensemble.state_dict(),
+                           "optimizer": None if idle else run.optimizer.state_dict(),
                            "epoch": at.epoch, "batch_in_epoch": at.batch, "steps": at.steps, "tokens": at.tokens,
-                           "torch_rng": torch.get_rng_state(), "fingerprint": fingerprint(run.cfg, run.dist),
-                           "precision": step.precision,
+                           "torch_rng": torch.get_rng_state(), "fingerprint": fingerprint(run),
+                           "precision": None if idle else step.precision,
                            "dead_since": tracker.since.cpu() if tracker is not None else None}, at.steps)
 
 
@@ -186,6 +202,8 @@ def _set_schedules(run: SweepRun, steps: int, restarts) -> float:
     """Set step `steps`'s learning rate (returned) and coefficient warm-up."""
     cfg, ensemble = run.cfg, run.ensemble
     lr = cfg.adam_lr * lr_multiplier(steps, cfg.lr_warmup_steps, run.total_steps, cfg.lr_decay_steps, restarts)
+    if run.idle:
+        return lr
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     coefficient = next((h for h in ("l1_coefficient", "l0_coefficient") if h in ensemble.hyperparams), None)

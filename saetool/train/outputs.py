@@ -50,8 +50,8 @@ def member_metrics(metrics: dict | None, i: int) -> dict:
 
 def save_sweep(run, out: Path, metrics: dict | None, training: dict) -> dict | None:
     """Write a sweep folder from rank 0 and return its index (None on other ranks): with member-parallel ranks,
-    every rank's members are gathered first (every rank must call this); with data-parallel ranks, rank 0 holds
-    all members and writes alone. An input scale (normalize_activations) is folded into the saved weights
+    every rank's members are gathered first (every rank must call this, also one holding none of the run's members);
+    with data-parallel ranks, rank 0 holds all members and writes alone. An input scale (normalize_activations) is folded into the saved weights
     (saetool.recipes.fold_normalization)."""
     cfg, store, ensemble, dist = run.cfg, run.store, run.ensemble, run.dist
     spec = store.spec
@@ -82,7 +82,7 @@ def save_sweep(run, out: Path, metrics: dict | None, training: dict) -> dict | N
     index = {"saetool_version": saetool.__version__, "config": dataclasses.asdict(cfg),
              "store": {"path": os.path.abspath(store.path), "model": spec.model, "hook_name": run.hook, "n_rows": spec.n_rows,
                        **({} if run.target is None else {"target_hook": run.target})},
-             "sweep_param": ensemble.arch.SWEEP_PARAM, "training": training}
+             "sweep_param": get_architecture(cfg.architecture).SWEEP_PARAM, "training": training}
     write_sweep(out, members, index)
     return json.loads((out / INDEX_FILE).read_text())
 

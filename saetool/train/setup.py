@@ -28,9 +28,11 @@ from saetool.train.checkpoint import Checkpointer
 
 @dataclass
 class SweepRun:
-    """Everything the loop, the evaluation and the saving share. `local` are this rank's member indices;
-    `scale` multiplies every input row (normalize_activations; folded into the saved weights); `target` is a
-    transcoder's output hook (None for SAEs): the loader's batches then hold [x_in | x_out] side by side."""
+    """Everything the loop, the evaluation and the saving share. `local` are this rank's member indices (empty: an
+    idle run, whose ensemble and optimizer are None: a member-parallel rank of a multi-hook sweep holding none of
+    this hook's members, which still takes part in the run's collectives); `scale` multiplies every input row
+    (normalize_activations; folded into the saved weights); `target` is a transcoder's output hook (None for SAEs):
+    the loader's batches then hold [x_in | x_out] side by side."""
 
     cfg: SweepConfig
     dist: Dist
@@ -43,8 +45,8 @@ class SweepRun:
     data_parallel: bool
     train_rows: tuple[int, int]
     eval_rows: tuple[int, int] | None
-    ensemble: SAEEnsemble
-    optimizer: torch.optim.Optimizer
+    ensemble: SAEEnsemble | None
+    optimizer: torch.optim.Optimizer | None
     loader: BatchLoader
     checkpointer: Checkpointer
     scale: float = 1.0
@@ -53,6 +55,10 @@ class SweepRun:
     @property
     def n_members(self) -> int:
         return len(next(iter(self.hyper.values())))
+
+    @property
+    def idle(self) -> bool:
+        return len(self.local) == 0
 
     @property
     def total_steps(self) -> int:
@@ -109,10 +115,12 @@ def architecture_options(cfg: SweepConfig) -> dict:
     return options
 
 
-def setup_run(cfg: SweepConfig, dist: Dist, log=print) -> SweepRun:
-    """Build the run `cfg` describes on this rank. Raises StoreError/ValueError (one line) for a missing,
-    incomplete or foreign store, an unknown hook, a ratio giving d_sae 0, fewer members than processes with
-    --parallel members, or an output_dir that holds a finished sweep (or an unfinished one without --resume)."""
+def setup_run(cfg: SweepConfig, dist: Dist, log=print, local: range | None = None) -> SweepRun:
+    """Build the run `cfg` describes on this rank. `local` overrides this rank's members with --parallel members
+    (saetool.multihook's cost-balanced shares; may be empty: an idle run). Raises StoreError/ValueError (one line)
+    for a missing, incomplete or foreign store, an unknown hook, a ratio giving d_sae 0, fewer members than
+    processes with --parallel members, or an output_dir that holds a finished sweep (or an unfinished one without
+    --resume)."""
     out = Path(cfg.output_dir)
     if (out / INDEX_FILE).exists():
         raise ValueError(f"{out} already holds a finished sweep; choose another --output_dir or delete it")
@@ -127,23 +135,27 @@ def setup_run(cfg: SweepConfig, dist: Dist, log=print) -> SweepRun:
     hyper = member_hyperparams(cfg)
     n_members = len(next(iter(hyper.values())))
     by_members = cfg.parallel == "members" and dist.active
-    local = split_evenly(n_members, dist.world_size, dist.rank) if by_members else range(n_members)
-    if len(local) == 0:
-        raise ValueError(f"--parallel members needs at least one member per process ({n_members} members, "
-                         f"{dist.world_size} processes)")
+    if local is None:
+        local = split_evenly(n_members, dist.world_size, dist.rank) if by_members else range(n_members)
+        if len(local) == 0:
+            raise ValueError(f"--parallel members needs at least one member per process ({n_members} members, "
+                             f"{dist.world_size} processes)")
     checkpointer = Checkpointer(out, dist, shard_by_rank=by_members)
     if checkpointer.exists() and not cfg.resume:
         raise ValueError(f"{out} holds an unfinished sweep; pass --resume True to continue it, or delete {out}")
     train_rows, eval_rows = split_rows(store, cfg.eval_tokens)
-    ensemble = SAEEnsemble(cfg.architecture, d_in, d_sae, {h: [v[i] for i in local] for h, v in hyper.items()},
-                           seeds=[cfg.seed + i for i in local], tied=cfg.tied, options=architecture_options(cfg),
-                           decoder_norm_l1=cfg.decoder_norm_l1, auxk_coefficient=cfg.auxk_coefficient, k_aux=cfg.k_aux,
-                           d_out=None if target is None else store.width(target), skip_connection=cfg.skip_connection
-                           ).to(cfg.device)
-    scale = _initialise(ensemble, cfg, store, hook, train_rows, log, target)
     loader = BatchLoader(store, hook if target is None else (hook, target), cfg.batch_size, train_rows, seed=cfg.seed,
                          shuffle_chunks=cfg.shuffle_chunks)
-    optimizer = torch.optim.Adam(ensemble.parameters(), lr=cfg.adam_lr)
+    ensemble = optimizer = None
+    scale = 1.0
+    if len(local):
+        ensemble = SAEEnsemble(cfg.architecture, d_in, d_sae, {h: [v[i] for i in local] for h, v in hyper.items()},
+                               seeds=[cfg.seed + i for i in local], tied=cfg.tied, options=architecture_options(cfg),
+                               decoder_norm_l1=cfg.decoder_norm_l1, auxk_coefficient=cfg.auxk_coefficient,
+                               k_aux=cfg.k_aux, d_out=None if target is None else store.width(target),
+                               skip_connection=cfg.skip_connection).to(cfg.device)
+        scale = _initialise(ensemble, cfg, store, hook, train_rows, log, target)
+        optimizer = torch.optim.Adam(ensemble.parameters(), lr=cfg.adam_lr)
     run = SweepRun(cfg, dist, out, store, hook, hyper, local, by_members, cfg.parallel == "data" and dist.active,
                    train_rows, eval_rows, ensemble, optimizer, loader, checkpointer, scale, target)
     if cfg.lr_decay_steps > run.total_steps:

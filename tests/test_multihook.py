@@ -279,3 +279,22 @@ def test_member_parallel_sweep_of_several_hooks_resumes_after_sigkill(two_hooks,
         assert not (tmp_path / "two" / "sweep.json").exists()
         launch(2, [*args, "--resume", "True"])
     assert_same_members(tmp_path / "two", tmp_path / "one", atol=1e-6)
+
+
+def test_member_shares_balance_the_members_of_every_hook_by_cost(two_hooks):
+    from saetool.distributed import Dist
+    from saetool.multihook import member_cost, member_shares
+
+    store = ActivationStore.open(two_hooks)
+    base = SweepConfig(dataset_dir=str(two_hooks), output_dir="unused", ratio=4, l1_values=[1e-3, 1e-2],
+                       parallel="members")
+    subs = [build(SweepConfig, {**base.__dict__, "hook_name": h}) for h in (A, B)]
+    assert [member_cost(s, store) for s in subs] == [24 * 12, 16 * 8]  # d_sae (d_in + d_out)
+    # members [288, 288, 128, 128]: the best split is [288 | 288 + 128 + 128] (largest share 544, not 576)
+    assert member_shares(subs, store, Dist(0, 2)) == [range(0, 1), range(0, 0)]
+    assert member_shares(subs, store, Dist(1, 2)) == [range(1, 2), range(0, 2)]
+    assert member_shares(subs, store, Dist(0, 1)) == [None, None]
+    skip = build(SweepConfig, {**base.__dict__, "hook_name": A, "target_hook": B, "skip_connection": True})
+    assert member_cost(skip, store) == 24 * (6 + 4) + 6 * 4
+    with pytest.raises(ValueError, match=r"needs at least one member per process \(4 members of 2 hooks, 5 proc"):
+        member_shares(subs, store, Dist(0, 5))

@@ -225,6 +225,25 @@ def evaluate_spliced(
             raise ValueError(f"pass hook_name: the SAEs name the hooks {sorted(map(str, names))}")
         hook_name = names.pop()
     validate_hook_names(model, [hook_name] if input_hook is None else [input_hook, hook_name])
+    mask, scored = _checked_mask(tokens, mask)
+    if mean is None:
+        mean = mean_activation(model, hook_name, tokens, mask, batch_size)
+    d = int(mean.shape[-1])
+    for s in saes:
+        if s.d_out != d:
+            raise ValueError(f"{s!r} has d_{'out' if input_hook else 'in'} {s.d_out} but {hook_name} has width {d}")
+    start_time = time.perf_counter()
+    acc, forwards = _spliced_forwards(model, saes, tokens, mask, scored, hook_name, input_hook, mean, batch_size,
+                                      max(1, int(variants_per_forward)))
+    if log is not None:
+        log(f"spliced evaluation at {hook_name}: {len(saes)} SAEs, {len(tokens)} contexts, {acc.n} scored tokens, "
+            f"{forwards} forwards in {time.perf_counter() - start_time:.1f} s")
+    return _spliced_results(acc, len(saes), len(tokens))
+
+
+def _checked_mask(tokens: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(mask, scored): the bool mask of kept positions (default: all but position 0) and ``scored`` [n, ctx - 1],
+    the predictions scored (both positions kept). ValueError for bad shapes or a mask that scores nothing."""
     if tokens.dim() != 2 or tokens.is_floating_point():
         raise ValueError(f"tokens must be an integer tensor [n_contexts, ctx], got {tuple(tokens.shape)}")
     if mask is None:
@@ -238,17 +257,17 @@ def evaluate_spliced(
     scored = mask[:, :-1] & mask[:, 1:]
     if not scored.any():
         raise ValueError("the mask scores no prediction (needs two consecutive kept positions)")
+    return mask, scored
 
+
+def _spliced_forwards(model, saes: list, tokens: Tensor, mask: Tensor, scored: Tensor, hook_name: str,
+                      input_hook: str | None, mean: Tensor, batch_size: int, group: int) -> tuple[_Accumulator, int]:
+    """Run every variant over the contexts and accumulate CE/KL: variant 0 clean (no hook), 1 zero ablation,
+    2 mean ablation, 3 + i SAE i spliced at the kept positions; `group` non-clean variants share one forward.
+    Returns the accumulator and the number of forwards."""
     device = _model_device(model)
-    if mean is None:
-        mean = mean_activation(model, hook_name, tokens, mask, batch_size)
-    d = int(mean.shape[-1])
-    for s in saes:
-        if s.d_out != d:
-            raise ValueError(f"{s!r} has d_{'out' if input_hook else 'in'} {s.d_out} but {hook_name} has width {d}")
     captured: list[Tensor] = []  # a transcoder's input activation of the current forward
 
-    # Variant 0 is clean (no hook); then zero, mean, and one per SAE.
     def replacement(v: int, x: Tensor, x_in: Tensor) -> Tensor:
         """x [b, pos, d] (x_in: the input hook's rows of the same contexts, x itself for an SAE) -> what variant v
         puts at the kept positions (same dtype/device as x)."""
@@ -264,10 +283,7 @@ def evaluate_spliced(
         return act
 
     n_variants = 3 + len(saes)
-    acc = _Accumulator(n_variants)
-    group = max(1, int(variants_per_forward))
-    forwards = 0
-    start_time = time.perf_counter()
+    acc, forwards = _Accumulator(n_variants), 0
     for start in range(0, len(tokens), batch_size):
         tok = tokens[start:start + batch_size].to(device=device, dtype=torch.long)
         msk = mask[start:start + batch_size].to(device)
@@ -297,16 +313,16 @@ def evaluate_spliced(
                 acc.add(v, logits[j * b:(j + 1) * b], targets, keep, clean_lp)
             del logits
         acc.n += int(keep.sum())
-    seconds = time.perf_counter() - start_time
-    if log is not None:
-        log(f"spliced evaluation at {hook_name}: {len(saes)} SAEs, {len(tokens)} contexts, {acc.n} scored tokens, "
-            f"{forwards} forwards in {seconds:.1f} s")
+    return acc, forwards
 
+
+def _spliced_results(acc: _Accumulator, n_saes: int, n_contexts: int) -> list[dict]:
+    """One dict of SPLICED_KEYS (plus n_tokens, n_contexts) per SAE from the accumulated CE/KL sums."""
     n = acc.n
     clean, zero, mean_ce = acc.ce[0] / n, acc.ce[1] / n, acc.ce[2] / n
     zero_kl, mean_kl = acc.kl[1] / n, acc.kl[2] / n
     results = []
-    for i in range(len(saes)):
+    for i in range(n_saes):
         spliced, kl = acc.ce[3 + i] / n, acc.kl[3 + i] / n
         results.append({
             "clean_ce": clean,
@@ -323,7 +339,7 @@ def evaluate_spliced(
             "clean_perplexity": math.exp(clean),
             "spliced_perplexity": math.exp(spliced),
             "n_tokens": n,
-            "n_contexts": len(tokens),
+            "n_contexts": n_contexts,
         })
     return results
 

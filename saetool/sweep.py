@@ -9,7 +9,8 @@ batches. With several processes (Accelerate / torchrun) the work is split in one
   global batch. Every rank walks the same batches, so uneven data never leaves a rank waiting in a collective
   (case D1).
 - `--parallel members`: members are partitioned across ranks (equal shapes, so contiguous equal shares are
-  balanced); every rank reads the same batches; no gradient traffic. Each member equals single-process training.
+  balanced; a sweep of several hooks balances the members of all hooks by cost, saetool.multihook); every rank
+  reads the same batches; no gradient traffic. Each member equals single-process training.
 
 The last `eval_tokens` rows (rounded up to whole contexts) are never trained on; every member is evaluated
 there (MSE, FVU, explained variance, L0, dead fraction; saetool.metrics). Only rank 0 writes outputs.

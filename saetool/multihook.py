@@ -158,13 +158,17 @@ def _train_together(cfg: SweepConfig, store: ActivationStore, runs: list[SweepRu
     steps = [None if run.idle else choose_step(run.cfg, run.ensemble, run.optimizer, dist, run.data_parallel,
                                                run.total_steps, precision=(state or {}).get("precision"))
              for run, state in zip(runs, states)]
-    hooks = list(dict.fromkeys(h for run in runs for h in (run.hook, run.target) if h))
+    # only the hooks of the ensembles this rank trains are read (a member-parallel rank skips its idle runs' hooks;
+    # the batches' rows do not depend on which hooks are read)
+    hooks = list(dict.fromkeys(h for run in runs if not run.idle for h in (run.hook, run.target) if h))
     loader = BatchLoader(store, hooks, cfg.batch_size, runs[0].train_rows, seed=cfg.seed,
                          shuffle_chunks=cfg.shuffle_chunks)
-    columns = [_columns(run, hooks, loader.widths).to(cfg.device) for run in runs]
+    columns = [None if run.idle else _columns(run, hooks, loader.widths).to(cfg.device) for run in runs]
     for run, step in zip(runs, steps):
         log(describe(run, step))
-    log(f"{len(runs)} ensembles on the same batches: each step reads {len(hooks)} hooks of the store once")
+    idle = sum(run.idle for run in runs)
+    log(f"{len(runs)} ensembles on the same batches: each step reads {len(hooks)} hook(s) of the store once"
+        + (f" (this rank holds no member of {idle} ensemble(s) and skips their hooks)" if idle else ""))
     trainers = [RunTrainer(run, step, state, log) for run, step, state in zip(runs, steps, states)]
     data_parallel = runs[0].data_parallel
 

@@ -17,7 +17,8 @@ Across processes (Accelerate / torchrun): with --parallel data every rank holds 
 share of each batch (as a one-hook data-parallel sweep); with --parallel members the members of all ensembles, in
 order, are split into contiguous shares balanced by their cost per row (saetool.distributed.partition_by_cost), so a
 rank holds members of one or several ensembles, possibly none of some (an idle run: it trains nothing there but
-takes part in that ensemble's logging, snapshots and saving). Every member equals its one-process training.
+takes part in that ensemble's logging, snapshots and saving, and does not read its hook). Every member equals its
+one-process training.
 --checkpoint_every writes each ensemble's checkpoint in its folder; --resume continues each from its own position
 (a run interrupted between two ensembles' checkpoints resumes each where it was) and keeps ensembles already saved.
 --array (one foreign array) is refused.

@@ -49,7 +49,8 @@ from saetool.distributed import Dist, split_evenly
 from saetool.hooks import hook_widths, record_activations, resolve_hook_names, validate_hook_names
 from saetool.lock import writer_lock
 from saetool.models import EMBEDDED_MODEL, embedded_model_dir, load_model
-from saetool.store import ActivationStore, StoreError, StoreSpec, to_store_array
+from saetool.store import ActivationStore, StoreSpec
+from saetool.store_values import StoreError, to_store_array
 from saetool.stream import ContextStream
 from saetool.text import open_documents
 

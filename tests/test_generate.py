@@ -112,7 +112,7 @@ def test_empty_dataset_is_refused_before_the_store_exists(tiny_model_dir, tmp_pa
 
 
 def test_keepbits_store_is_the_bitrounded_lossless_store(tiny_model_dir, text_dir, tmp_path):
-    from saetool.store import bitround
+    from saetool.store_values import bitround
 
     kw = {"locations": ["residual"], "layers": [1], "n_chunks": 3}
     lossless = gen.run_generate(config(tiny_model_dir, text_dir, tmp_path / "a.zarr", **kw), log=quiet)

@@ -10,7 +10,8 @@ import pytest
 import torch
 import zarr
 
-from saetool.store import ActivationStore, StoreError, StoreSpec, bitround, to_store_array
+from saetool.store import ActivationStore, StoreError, StoreSpec
+from saetool.store_values import bitround, to_store_array
 from tests.synthetic import write_store
 
 HOOK = "blocks.0.hook_resid_post"

@@ -215,6 +215,40 @@ def check_packing(context_size: int, *, bos_token_id: int | None, sep_token_id: 
     return context_size, (context_size - 1 if prepend_bos else context_size)
 
 
+def _stream_rows(flat: np.ndarray, lengths: np.ndarray, width: int, sep_token_id: int | None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """concat packing: the documents (`flat` token ids, `lengths` > 0 each) joined into one stream with one separator
+    between consecutive documents, cut into rows of `width`; the final partial row is dropped. Returns (rows int64
+    [n, width], is_text bool [n, width], False at separators)."""
+    if sep_token_id is not None and lengths.size > 1:
+        boundaries = np.cumsum(lengths)[:-1]  # insert a separator before each of these
+        stream = np.insert(flat, boundaries, int(sep_token_id))
+        is_text = np.ones(stream.size, dtype=bool)
+        is_text[boundaries + np.arange(boundaries.size)] = False
+    else:
+        stream, is_text = flat, np.ones(flat.size, dtype=bool)
+    n_rows = stream.size // width
+    return stream[:n_rows * width].reshape(n_rows, width), is_text[:n_rows * width].reshape(n_rows, width)
+
+
+def _document_rows(flat: np.ndarray, lengths: np.ndarray, width: int, pad_token_id: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Packing without concat: each document alone in ceil(length / width) rows, the last one right-padded with
+    `pad_token_id`. Returns (rows int64 [n, width], is_text bool [n, width], False at padding)."""
+    rows_per_doc = -(-lengths // width)
+    n_rows = int(rows_per_doc.sum())
+    rows = np.full((n_rows, width), pad_token_id, dtype=np.int64)
+    is_text = np.zeros((n_rows, width), dtype=bool)
+    if n_rows:
+        first_row = np.concatenate([[0], np.cumsum(rows_per_doc)[:-1]])
+        doc_start = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        doc_of_token = np.repeat(np.arange(lengths.size), lengths)
+        target = first_row[doc_of_token] * width + np.arange(flat.size) - doc_start[doc_of_token]
+        rows.reshape(-1)[target] = flat
+        is_text.reshape(-1)[target] = True
+    return rows, is_text
+
+
 def pack_contexts(
     docs: Sequence[Sequence[int]],
     context_size: int,
@@ -258,39 +292,12 @@ def pack_contexts(
     nonempty = lengths[lengths > 0]
 
     if concat:
-        # One stream: documents joined with one separator between consecutive documents.
-        if sep_token_id is not None and nonempty.size > 1:
-            boundaries = np.cumsum(nonempty)[:-1]  # insert a separator before each of these
-            stream = np.insert(flat, boundaries, int(sep_token_id))
-            is_text = np.ones(stream.size, dtype=bool)
-            is_text[boundaries + np.arange(boundaries.size)] = False
-        else:
-            stream = flat
-            is_text = np.ones(stream.size, dtype=bool)
-        n_contexts = stream.size // width
-        placed = n_contexts * width
-        rows = stream[:placed].reshape(n_contexts, width)
-        row_mask = is_text[:placed].reshape(n_contexts, width)
-        n_placed = int(row_mask.sum())
-        n_dropped = n_text - n_placed
-        n_pad = 0
+        rows, row_mask = _stream_rows(flat, nonempty, width, sep_token_id)
+        n_placed, n_pad = int(row_mask.sum()), 0
     else:
-        # Each document alone: ceil(len / width) rows, the last one right-padded.
-        rows_per_doc = -(-nonempty // width)
-        n_contexts = int(rows_per_doc.sum())
-        rows = np.full((n_contexts, width), int(pad_token_id), dtype=np.int64)
-        row_mask = np.zeros((n_contexts, width), dtype=bool)
-        if n_contexts:
-            first_row = np.concatenate([[0], np.cumsum(rows_per_doc)[:-1]])
-            doc_start = np.concatenate([[0], np.cumsum(nonempty)[:-1]])
-            doc_of_token = np.repeat(np.arange(nonempty.size), nonempty)
-            within = np.arange(n_text) - doc_start[doc_of_token]
-            target = first_row[doc_of_token] * width + within
-            rows.reshape(-1)[target] = flat
-            row_mask.reshape(-1)[target] = True
-        n_placed = n_text
-        n_dropped = 0
-        n_pad = n_contexts * width - n_text
+        rows, row_mask = _document_rows(flat, nonempty, width, int(pad_token_id))
+        n_placed, n_pad = n_text, rows.size - n_text
+    n_contexts, n_dropped = len(rows), n_text - n_placed
 
     if n_contexts == 0:
         raise ValueError(

@@ -60,6 +60,7 @@ def test_browser_data_is_the_collection_of_the_heldout_rows(sweep_dir, tiny_mode
     encode_pass(saes, store, "blocks.0.hook_resid_post", (store.spec.n_rows - 128, store.spec.n_rows), "cpu",
                 batch_rows=64, collector=col)  # other batches than the report's: the same result
     tokens = np.asarray(store.group["tokens"][:]).reshape(-1)
+    mask = np.asarray(store.group["mask"][:]).astype(int)
     vocab = read_js(folder / "data" / "vocab.js", "saeBrowser.vocab(")[0]
     assert vocab["0"] == "<bos>"
     for m, sae in enumerate(saes):
@@ -76,6 +77,9 @@ def test_browser_data_is_the_collection_of_the_heldout_rows(sweep_dir, tiny_mode
                 assert w["ids"] == tokens[first:first + len(w["ids"])].tolist()
                 assert first // 16 == w["row"] // 16 == (first + len(w["ids"]) - 1) // 16
                 assert w["acts"][w["at"]] == w["value"]
+                kept = mask[first:first + len(w["ids"])].tolist()  # left out of the page data when all kept
+                assert w.get("kept", [1] * len(kept)) == kept and ("kept" in w) == (0 in kept)
+                assert all(type(a) is int for a in w["acts"] if a == 0)  # zeros written as 0
             assert sum(len(q["windows"]) for q in rec["quantiles"]) == min(10, rec["fired"])
             if rec["logits"] is not None:
                 direct = (sae.W_dec[i] @ tiny_model.W_U).detach()

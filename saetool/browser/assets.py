@@ -94,8 +94,8 @@ function renderList(){var x=member();if(!x)return;var L=state.lists[x.m],d=x.d;
   $('q').oninput=update;$('sort').onchange=update;update();done();}
 
 function ctx(w,max){var h='<div class="ctx"><span class="val">'+fmt(w.value)+'</span>';
-  w.ids.forEach(function(id,j){var a=max>0?Math.max(0,w.acts[j])/max:0,cls='tok'+(j===w.at?' at':'')+(w.kept[j]?'':' masked');
-    var t=w.kept[j]?'activation '+fmt(w.acts[j]):'masked position (BOS/separator/padding): not encoded';
+  w.ids.forEach(function(id,j){var k=w.kept?w.kept[j]:1,a=max>0?Math.max(0,w.acts[j])/max:0,cls='tok'+(j===w.at?' at':'')+(k?'':' masked');
+    var t=k?'activation '+fmt(w.acts[j]):'masked position (BOS/separator/padding): not encoded';
     h+='<span class="'+cls+'" title="'+esc(t)+'" style="background:rgba(255,120,0,'+a.toFixed(3)+')">'+esc(tok(id))+'</span>';});
   return h+'</div>';}
 function hist(r){var E=state.members.hist_edges,c=r.hist.counts;if(!c.length)return '<p>never fired</p>';

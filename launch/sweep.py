@@ -11,9 +11,9 @@ from saetool.config import SweepConfig, build
 
 
 def main(**flags):
-    from saetool.sweep import run_sweep
+    from saetool.sweep import run_sweep, with_config
 
-    cfg = build(SweepConfig, flags)
+    cfg = build(SweepConfig, with_config(flags))
     acc = Accelerator(cpu=cfg.device == "cpu")
     cfg.device = str(acc.device)
     run_sweep(cfg, log=acc.print)

@@ -21,11 +21,9 @@ def generate(**flags):
 
 
 def sweep(**flags):
-    from saetool.sweep import load_sweep_config, run_sweep
+    from saetool.sweep import run_sweep, with_config
 
-    if flags.get("config"):
-        flags = {**load_sweep_config(flags["config"]), **flags}
-    run_sweep(build(SweepConfig, flags))
+    run_sweep(build(SweepConfig, with_config(flags)))
 
 
 def report(output_dir=None, **flags):

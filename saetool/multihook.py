@@ -26,6 +26,7 @@ one-process training.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from pathlib import Path
@@ -35,10 +36,11 @@ import torch
 import saetool
 from saetool.config import SweepConfig
 from saetool.distributed import Dist, partition_by_cost, split_evenly
-from saetool.io import INDEX_FILE, read_index, write_json
+from saetool.io import INDEX_FILE, write_json
 from saetool.loader import BatchLoader, DeviceFeed
+from saetool.lock import writer_lock
 from saetool.store import ActivationStore, StoreError
-from saetool.train.checkpoint import load_checkpoint
+from saetool.train.checkpoint import load_checkpoint, read_saved
 from saetool.train.finish import finish_run, report_run
 from saetool.train.loop import RunTrainer, Trained, describe
 from saetool.train.setup import SweepRun, member_hyperparams, setup_run
@@ -61,6 +63,8 @@ def hook_pairs(cfg: SweepConfig, store: ActivationStore) -> list[tuple[str, str 
         names = list(store.spec.hook_names)
     else:
         names = _split(cfg.hook_name)
+        if not names:
+            raise ValueError(f"--hook_name {cfg.hook_name!r} lists no hook")
     targets = _split(cfg.target_hook) if cfg.target_hook else [None] * len(names)
     if len(targets) != len(names):
         raise ValueError(f"--target_hook lists {len(targets)} hooks but --hook_name {len(names)}; give one target "
@@ -133,14 +137,16 @@ def run_multi_hook(cfg: SweepConfig, log=print) -> dict | None:
             for h, t in hook_pairs(cfg, store)]
     for sub in subs:
         sub.validate()
-    done = {i: read_index(sub.output_dir) for i, sub in enumerate(subs)
-            if cfg.resume and (Path(sub.output_dir) / INDEX_FILE).exists()}
-    shares = member_shares(subs, store, dist)
-    runs = {i: setup_run(sub, dist, log, shares[i]) for i, sub in enumerate(subs) if i not in done}
-    if runs:
-        trained = _train_together(cfg, store, list(runs.values()), dist, log)
-        for (i, run), result in zip(runs.items(), trained, strict=True):
-            done[i] = finish_run(run, result, log, report=False)
+    done = _saved_ensembles(cfg, out, subs)
+    with contextlib.ExitStack() as locks:  # no other run may write a hook's folder meanwhile
+        for sub in subs:
+            locks.enter_context(writer_lock(sub.output_dir, "output_dir", dist))
+        shares = member_shares(subs, store, dist)
+        runs = {i: setup_run(sub, dist, log, shares[i]) for i, sub in enumerate(subs) if i not in done}
+        if runs:
+            trained = _train_together(cfg, store, list(runs.values()), dist, log)
+            for (i, run), result in zip(runs.items(), trained, strict=True):
+                done[i] = finish_run(run, result, log, report=False)
     if not dist.is_main:
         return None
     ensembles = [(Path(sub.output_dir), done[i]) for i, sub in enumerate(subs)]
@@ -150,6 +156,23 @@ def run_multi_hook(cfg: SweepConfig, log=print) -> dict | None:
             if not (Path(sub.output_dir) / "report" / "index.html").exists():
                 report_run(sub, store.spec.model, log)
     return index
+
+
+def _saved_ensembles(cfg: SweepConfig, out: Path, subs: list[SweepConfig]) -> dict[int, dict]:
+    """{position: index} of the ensembles an interrupted run already saved, kept with --resume (each checked against
+    its flags, saetool.train.checkpoint.read_saved). ValueError (one line) without --resume, or when OUTPUT_DIR
+    holds ensembles of hooks that --hook_name no longer lists (they would drop out of the index)."""
+    saved = {i: sub for i, sub in enumerate(subs) if (Path(sub.output_dir) / INDEX_FILE).exists()}
+    if saved and not cfg.resume:
+        raise ValueError(f"{out} holds ensembles saved by an interrupted sweep ({', '.join(s.hook_name for s in saved.values())}"
+                         f"); pass --resume True to finish it, or delete {out}")
+    names = {Path(sub.output_dir).name for sub in subs}
+    stray = sorted(d.name for d in out.iterdir() if d.is_dir() and d.name not in names
+                   and ((d / INDEX_FILE).exists() or (d / "checkpoint").is_dir())) if cfg.resume and out.is_dir() else []
+    if stray:
+        raise ValueError(f"--resume: {out} holds ensembles of hooks that --hook_name does not list ({', '.join(stray)})"
+                         "; rerun with the same hooks or delete it")
+    return {i: read_saved(sub) for i, sub in saved.items()}
 
 
 def _train_together(cfg: SweepConfig, store: ActivationStore, runs: list[SweepRun], dist: Dist, log) -> list[Trained]:
@@ -189,7 +212,8 @@ def _train_together(cfg: SweepConfig, store: ActivationStore, runs: list[SweepRu
                 x_dev = x_dev.float()
                 for run, t, cols, f in active:
                     if i >= f:
-                        t.batch(epoch, i, x.index_select(1, cols.cpu()) if run.cfg.resample_every else x,
+                        resampling = run.cfg.resample_every and not run.idle  # resampling reads the host batch
+                        t.batch(epoch, i, x.index_select(1, cols.cpu()) if resampling else x,
                                 None if run.idle else x_dev.index_select(1, cols) * run.scale)
             for _, t, _, _ in active:
                 t.end_epoch(epoch)

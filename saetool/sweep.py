@@ -21,8 +21,8 @@ uninterrupted result. The rooms of the training loop are in saetool.train.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
+import re
 from pathlib import Path
 
 import saetool
@@ -31,7 +31,7 @@ from saetool.distributed import Dist
 from saetool.io import INDEX_FILE, write_json
 from saetool.lock import writer_lock
 from saetool.multihook import run_multi_hook
-from saetool.train.checkpoint import load_checkpoint
+from saetool.train.checkpoint import load_checkpoint, read_saved
 from saetool.train.finish import finish_run
 from saetool.train.loop import describe, train
 from saetool.train.outputs import frontier_table
@@ -71,6 +71,12 @@ def several_hooks(cfg: SweepConfig) -> bool:
     return cfg.hook_name is not None and (cfg.hook_name == "all" or "," in cfg.hook_name)
 
 
+def with_config(flags: dict) -> dict:
+    """`flags` with the flags of its --config YAML (load_sweep_config) underneath: a flag given on the command line
+    wins. `saetool sweep` and `accelerate launch launch/sweep.py` both read their flags through this."""
+    return {**load_sweep_config(flags["config"]), **flags} if flags.get("config") else flags
+
+
 def load_sweep_config(path: str | os.PathLike) -> dict:
     """The flags of a sweep YAML (configs/sweeps/*.yaml): a mapping of SweepConfig fields, with an optional
     `ensembles` list of per-ensemble flag mappings. ValueError (one line) if it is not such a mapping."""
@@ -107,6 +113,8 @@ def ensemble_configs(cfg: SweepConfig) -> list[tuple[str, SweepConfig]]:
     out, subs = Path(cfg.output_dir), []
     for i, (entry, arch) in enumerate(zip(cfg.ensembles, architectures, strict=True)):
         name = ensemble_name(entry, i)
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*", name) or ".." in name:
+            raise ValueError(f"--ensembles: the name {name!r} must be a plain folder name (letters, digits, _ . -)")
         if name in [n for n, _ in subs]:
             raise ValueError(f"--ensembles: two ensembles are named {name!r} (each needs its own folder)")
         shared = {k: v if k not in ARCHITECTURE_FLAGS or arch in ARCHITECTURE_FLAGS[k] else getattr(defaults, k)
@@ -131,7 +139,7 @@ def run_ensembles(cfg: SweepConfig, log=print) -> dict | None:
     for name, sub in ensemble_configs(cfg):
         if cfg.resume and (Path(sub.output_dir) / INDEX_FILE).exists():
             log(f"ensemble {name}: already finished, skipped")
-            index = json.loads((Path(sub.output_dir) / INDEX_FILE).read_text())
+            index = read_saved(sub)
         else:
             log(f"ensemble {name}: {sub.architecture}")
             index = run_sweep(sub, log)

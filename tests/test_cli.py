@@ -190,3 +190,6 @@ def test_ensembles_take_the_shared_flags_that_act_on_them_and_are_all_checked_be
         ensemble_configs(build(SweepConfig, {"output_dir": str(tmp_path),
                                              "ensembles": [{"name": "a"}, {"name": "a", "ratio": 2}]}))
     assert str(e.value) == "--ensembles: two ensembles are named 'a' (each needs its own folder)"
+    for name in ("../escaped", "a/b", ".hidden"):  # never a folder outside OUTPUT_DIR
+        with pytest.raises(ValueError, match="must be a plain folder name"):
+            ensemble_configs(build(SweepConfig, {"output_dir": str(tmp_path), "ensembles": [{"name": name}]}))

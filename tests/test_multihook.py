@@ -2,6 +2,9 @@
 per step for all of them, each ensemble equal to a separate sweep on its hook; circuit-tracer transcoder sets."""
 
 import json
+import os
+import re
+import socket
 import time
 
 import numpy as np
@@ -79,7 +82,8 @@ def test_several_hooks_bad_input_is_refused_in_one_line(two_hooks, tmp_path):
              ({"hook_name": f"{A},{B}", "target_hook": B}, "--target_hook lists 1 hooks but --hook_name 2"),
              ({"hook_name": f"{A},blocks.5.hook_x"}, "--hook_name: store .* has no hook 'blocks.5.hook_x'"),
              ({"hook_name": f"{A},{A}"}, "--hook_name lists blocks.0.hook_resid_post twice"),
-             ({"hook_name": "all", "array": "x", "eval_tokens": 128}, "--array names one foreign array; it cannot act")]
+             ({"hook_name": "all", "array": "x", "eval_tokens": 128}, "--array names one foreign array; it cannot act"),
+             ({"hook_name": " , ", "eval_tokens": 128}, "--hook_name ' , ' lists no hook")]
     for flags, message in cases:
         with pytest.raises(ValueError, match=message) as e:
             run_sweep(build(SweepConfig, {**base, **flags}))
@@ -217,7 +221,7 @@ def test_resume_from_checkpoints_at_different_steps_equals_uninterrupted(two_hoo
         assert not (out / h / "checkpoint").exists()
 
 
-def test_resume_keeps_an_ensemble_already_saved(two_hooks, uninterrupted, tmp_path, monkeypatch):
+def test_resume_keeps_an_ensemble_already_saved(two_hooks, uninterrupted, tmp_path, monkeypatch, capsys):
     """Killed while saving the second ensemble: the first is read back, the second is saved from its final
     checkpoint without training again."""
     out = tmp_path / "all"
@@ -229,6 +233,14 @@ def test_resume_keeps_an_ensemble_already_saved(two_hooks, uninterrupted, tmp_pa
     monkeypatch.undo()
     assert (out / A / "sweep.json").exists() and not (out / B / "sweep.json").exists()
     assert (out / B / "checkpoint" / "latest").read_text() == "step_16"  # the end of training
+    refusals = [(args, "holds ensembles saved by an interrupted sweep .*; pass --resume True to finish it"),
+                ([*args, "--resume", "True", "--ratio", "2"], "holds an ensemble saved with other settings \\(ratio\\)"),
+                ([*args[:4], f"{A},", *args[5:], "--resume", "True"], f"hooks that --hook_name does not list \\({B}\\)")]
+    for bad, message in refusals:  # never a sweep that silently mixes settings or drops a trained hook
+        capsys.readouterr()
+        with pytest.raises(SystemExit):
+            main(bad)
+        assert re.search(message, capsys.readouterr().err), message
     saves, real = [], finish_mod.save_sweep
     monkeypatch.setattr(finish_mod, "save_sweep", lambda run, *a: saves.append((run.hook, a[2]["tokens"])) or
                         real(run, *a))
@@ -245,8 +257,9 @@ def _flags(store, out, *extra):
 def test_several_hooks_across_processes_equal_one_process(two_hooks, tmp_path, mode):
     """Members: A's 2 members cost 24 x 12 each per row, B's 16 x 8: the cost-balanced shares are [A0] and
     [A1, B0, B1], so rank 0 holds none of B's members (it takes part in B's logging, checkpoints and saving idle)."""
-    main(["sweep", *_flags(two_hooks, tmp_path / "one")])
-    r = launch(2, [*_flags(two_hooks, tmp_path / "two", "--parallel", mode, "--checkpoint_every", "5")])
+    recipe = ("--resample_every", "5", "--dead_window", "64") if mode == "members" else ()  # resampling reads rows
+    main(["sweep", *_flags(two_hooks, tmp_path / "one", *recipe)])
+    r = launch(2, [*_flags(two_hooks, tmp_path / "two", *recipe, "--parallel", mode, "--checkpoint_every", "5")])
     # rank 0 (its lines are printed) reads only the hooks of the members it trains
     reads = "1 hook(s) of the store once (this rank holds no member of 1" if mode == "members" else "2 hook(s)"
     assert f"each step reads {reads}" in r.stdout
@@ -301,3 +314,27 @@ def test_member_shares_balance_the_members_of_every_hook_by_cost(two_hooks):
     assert member_cost(skip, store) == 24 * (6 + 4) + 6 * 4
     with pytest.raises(ValueError, match=r"needs at least one member per process \(4 members of 2 hooks, 5 proc"):
         member_shares(subs, store, Dist(0, 5))
+
+
+def test_accelerate_launch_reads_a_config_like_the_cli(layered, tmp_path):
+    config = {"dataset_dir": str(layered), "architecture": "topk", "k_values": [2, 4], "batch_size": 32,
+              "eval_tokens": 64, "device": "cpu", "report": False, "parallel": "members",
+              "ensembles": [{"name": f"layer{i}", "hook_name": f"blocks.{i}.mlp.hook_in",
+                             "target_hook": f"blocks.{i}.hook_mlp_out"} for i in (0, 1)]}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(config))
+    main(["sweep", "--config", str(tmp_path / "sweep.yaml"), "--output_dir", str(tmp_path / "one")])
+    launch(2, ["--config", str(tmp_path / "sweep.yaml"), "--output_dir", str(tmp_path / "two")])
+    index = assert_same_members(tmp_path / "two", tmp_path / "one", atol=1e-6)
+    assert index["transcoder_sets"] == ["transcoder_sets/topk_k_2", "transcoder_sets/topk_k_4"]
+    assert {e["training"]["world_size"] for e in index["ensembles"].values()} == {2}
+
+
+def test_a_hook_folder_being_written_by_another_run_is_refused(two_hooks, tmp_path):
+    out = tmp_path / "all"
+    out.mkdir()
+    lock = out / f".{B}.lock"  # a live run (this process) writes OUTPUT_DIR/<B> alone
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": "now"}))
+    with pytest.raises(ValueError, match=f"--output_dir {out / B} is being written by another run"):
+        run_sweep(build(SweepConfig, {"dataset_dir": str(two_hooks), "hook_name": "all", "output_dir": str(out),
+                                      "eval_tokens": 128, "device": "cpu"}))
+    assert sorted(p.name for p in out.iterdir()) == [lock.name]  # nothing written, A's lock released

@@ -136,3 +136,17 @@ def test_bf16_sweep_resumed_from_a_checkpoint_equals_the_uninterrupted_run(store
     monkeypatch.undo()
     sweep(store, tmp_path / "out", checkpoint_every=4, resume=True, **flags)
     assert_same_sweep(tmp_path / "out", tmp_path / "ref")
+
+
+def test_a_checkpoint_of_fewer_processes_is_refused_naming_why(tmp_path):
+    from types import SimpleNamespace
+
+    from saetool.distributed import Dist
+    from saetool.train.checkpoint import Checkpointer, load_checkpoint
+
+    Checkpointer(tmp_path, Dist(), shard_by_rank=True).save({"fingerprint": {"ratio": 4}}, 3)  # rank0.pt only
+    rank1 = Checkpointer(tmp_path, Dist(1, 2), shard_by_rank=True)
+    assert rank1.load() is None
+    run = SimpleNamespace(cfg=SimpleNamespace(resume=True), checkpointer=rank1, dist=Dist(1, 2), out=tmp_path)
+    with pytest.raises(ValueError, match="holds no file for rank 1: it was made by another number of processes"):
+        load_checkpoint(run)

@@ -56,7 +56,8 @@ def sparsify_hookpoint(hook_name: str | None) -> str:
     m = re.fullmatch(r"blocks\.(\d+)\.(\w+)", hook_name or "")
     if m is None or m.group(2) not in _HOOKPOINTS:
         raise ValueError(f"no sparsify hookpoint known for {hook_name!r} (known: blocks.L.{', blocks.L.'.join(_HOOKPOINTS)})"
-                         "; pass --hookpoint, e.g. --hookpoint layers.3")
+                         "; pass --hookpoint with sparsify's name of the module whose output the hook records "
+                         "(e.g. layers.3 for blocks.3.hook_resid_post)")
     return _HOOKPOINTS[m.group(2)].format(m.group(1))
 
 

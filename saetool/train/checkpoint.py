@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from saetool.distributed import Dist
+from saetool.io import read_index
 
 # Settings that may differ between a checkpointed run and its resumption.
 RESUME_FREE = ("resume", "checkpoint_every", "device", "compile", "kernel", "member_group")
@@ -31,6 +32,11 @@ def fingerprint(run) -> dict:
     return key
 
 
+def differing(saved: dict, now: dict) -> list[str]:
+    """The settings (keys of either dict, except RESUME_FREE) whose values differ between `saved` and `now`."""
+    return sorted(k for k in saved.keys() | now.keys() if k not in RESUME_FREE and saved.get(k) != now.get(k))
+
+
 def load_checkpoint(run, log=print) -> dict | None:
     """The checkpoint `run` resumes from with --resume (None without --resume, or with no checkpoint yet).
     ValueError (one line) if it was made with other settings."""
@@ -40,10 +46,27 @@ def load_checkpoint(run, log=print) -> dict | None:
         log(f"--resume: no checkpoint in {run.out}; starting from scratch")
         return None
     state = run.checkpointer.load()
-    if state["fingerprint"] != fingerprint(run):
-        raise ValueError(f"the checkpoint in {run.out} was made with other settings; rerun with those or delete it")
+    if state is None:
+        raise ValueError(f"the checkpoint in {run.out} holds no file for rank {run.dist.rank}: it was made by another "
+                         "number of processes (or --parallel); rerun with those or delete it")
+    differ = differing(state["fingerprint"], fingerprint(run))
+    if differ:
+        raise ValueError(f"the checkpoint in {run.out} was made with other settings ({', '.join(differ)}); rerun with "
+                         "those or delete it")
     log(f"resuming {run.out} at step {state['steps']} (epoch {state['epoch']}, batch {state['batch_in_epoch']})")
     return state
+
+
+def read_saved(cfg) -> dict:
+    """The index (sweep.json) of the ensemble already saved in cfg.output_dir, which a resumed run of several
+    ensembles keeps instead of training it again; ValueError (one line naming the settings) if it was trained with
+    other settings than `cfg` (a SweepConfig) asks for."""
+    index = read_index(cfg.output_dir)
+    differ = differing(index.get("config", {}), dataclasses.asdict(cfg))
+    if differ:
+        raise ValueError(f"--resume: {cfg.output_dir} holds an ensemble saved with other settings ({', '.join(differ)})"
+                         "; rerun with those or delete it")
+    return index
 
 
 class Checkpointer:
@@ -73,9 +96,12 @@ class Checkpointer:
                     shutil.rmtree(old, ignore_errors=True)
         self.dist.barrier()
 
-    def load(self) -> dict:
+    def load(self) -> dict | None:
+        """This rank's saved state (None when the checkpoint has no file for it: made by fewer processes)."""
         step_dir = self.dir / (self.dir / "latest").read_text().strip()
         path = step_dir / f"rank{self.dist.rank if self.shard_by_rank else 0}.pt"
+        if not path.is_file():
+            return None
         return torch.load(path, map_location="cpu", weights_only=False)
 
     def remove(self) -> None:

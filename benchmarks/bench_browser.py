@@ -1,6 +1,8 @@
 """Cost of the feature browser's collection pass vs the held-out evaluation pass it extends (a script, not a test).
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_browser.py --rows 16384 --skip_alone   # ~2 min, 2-core CPU
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_browser.py --rows 16384              # 16 x 4,608, ~2 min
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_browser.py --members 1 \
+        --rows 16384,65536,262144,1000000                                   # the issue's 1M rows, ~10 min
     .venv/bin/python benchmarks/bench_browser.py --rows 1000000 --device cuda            # the issue's full size
 
 Issue 12 item 4: collecting for 16 members x 4,608 latents over 1M rows must cost at most the held-out
@@ -10,18 +12,29 @@ evaluation pass plus 50%. Both passes run here side by side, on the same store a
   report's held-out metrics cost: read, encode, decode, statistics);
 * ``eval+browser``: the same pass feeding the browser's :class:`FeatureCollector` too (the report's default: one
   encode serves both; top 20, 25 samples, windows 12 + 1 + 4);
-* ``browser alone``: encode + collector, no decode (``--browser_rows``, a separate pass over training rows).
+* ``browser alone`` (``--mode sequential`` only): encode + collector, no decode (``--browser_rows``, a separate pass
+  over training rows).
+
+``--mode interleaved`` (default) walks the rows once in blocks of ``--block_rows`` (whole batches) and runs both
+passes over each block, alternating which goes first, each with its own statistics and the collector kept across
+blocks, so each pass sees the rows in order exactly as one long pass would; it sums each pass's time and reports the
+totals at every row count of ``--rows`` (one run gives the trend). Load from other jobs on a shared CPU then falls
+on both passes alike instead of on whichever ran during it. ``--mode sequential`` times whole passes one after the
+other, once per row count.
+
+Members are independent (each is encoded and collected on its own), so the ratio of a member does not depend on
+how many are run; the members' L0 grows from the last to the first, so ``--members 2`` runs the sparsest and the
+densest of the 16.
 
 Data: a synthetic store (float16, context 128, Gaussian rows of width ``--d_in``) and ``--members`` random ReLU
 SAEs of ``--d_sae`` latents with unit encoder columns and biases from -2.2 to -3.0 (densities ~0.1-1.4%, L0
-~6-64). Rows default to 16,384 and 65,536 (the shared 2-core CPU evaluated 100-200 rows/s for 16 x 4,608
-latents, so 1M rows would take hours), so the trend shows how the ratio moves with rows: the collector merges fewer
-candidates per row as its thresholds rise. Prints a Markdown table; JSON in --out.
+~6-64). Prints a Markdown table; JSON in --out.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import tempfile
@@ -41,6 +54,7 @@ def make_store(path: Path, rows: int, d_in: int):
     from saetool.store import ActivationStore, StoreSpec, to_store_array
 
     ctx, chunk = 128, 8192
+    rows = -(-rows // chunk) * chunk  # whole chunks (a pass may stop inside the last one)
     spec = StoreSpec(model="synthetic", dataset="synthetic", hook_names=[HOOK], widths={HOOK: d_in}, n_rows=rows,
                      context_size=ctx, chunk_size=chunk, dtype="float16", compression="blosc-zstd")
     store = ActivationStore.create_or_resume(path, spec)
@@ -82,11 +96,11 @@ def timed(fn, device: str) -> float:
     return time.perf_counter() - t
 
 
-def run(store, saes, rows: int, device: str, batch_rows: int, skip_alone: bool = False) -> dict:
+def passes(saes, device: str, batch_rows: int):
+    """The two passes over a row range ``span``: ``eval(span)`` and ``both(span)``, each with its own statistics and
+    ``both`` with one collector kept across calls."""
     from saetool.browser.collect import FeatureCollector, encode_pass
     from saetool.metrics import ReconstructionStats
-
-    span = (0, rows)
 
     def stats():
         return [ReconstructionStats(1, s.d_in, s.d_sae, device=device) for s in saes]
@@ -94,15 +108,43 @@ def run(store, saes, rows: int, device: str, batch_rows: int, skip_alone: bool =
     def collector():
         return FeatureCollector([s.d_sae for s in saes], 128, top=20, samples=25, before=12, after=4, device=device)
 
-    out = {}
-    out["eval"] = timed(lambda: encode_pass(saes, store, HOOK, span, device, batch_rows, stats=stats()), device)
-    col = collector()
-    out["eval+browser"] = timed(lambda: encode_pass(saes, store, HOOK, span, device, batch_rows, stats=stats(),
-                                                    collector=col), device)
-    out["browser alone"] = float("nan") if skip_alone else timed(
-        lambda: encode_pass(saes, store, HOOK, span, device, batch_rows, collector=collector()), device)
-    res = col.result(0)
-    out["l0_first_member"] = float(res["fired"].sum() / res["n_tokens"])
+    st_eval, st_both, col = stats(), stats(), collector()
+    return {"eval": lambda store, span: encode_pass(saes, store, HOOK, span, device, batch_rows, stats=st_eval),
+            "eval+browser": lambda store, span: encode_pass(saes, store, HOOK, span, device, batch_rows,
+                                                            stats=st_both, collector=col),
+            "browser alone": lambda store, span: encode_pass(saes, store, HOOK, span, device, batch_rows,
+                                                             collector=collector()),
+            "collector": col}
+
+
+def run(store, saes, rows: int, device: str, batch_rows: int, skip_alone: bool = False) -> dict:
+    """Sequential mode: whole passes over rows ``[0, rows)`` one after the other."""
+    p, span = passes(saes, device, batch_rows), (0, rows)
+    out = {name: timed(lambda name=name: p[name](store, span), device) for name in ("eval", "eval+browser")}
+    out["browser alone"] = float("nan") if skip_alone else timed(lambda: p["browser alone"](store, span), device)
+    return finish(out, p["collector"])
+
+
+def run_interleaved(store, saes, row_counts: list[int], device: str, batch_rows: int, block_rows: int) -> list[dict]:
+    """Interleaved mode: one walk over ``[0, max(row_counts))`` in blocks, both passes over each block (alternating
+    which goes first); the summed times at every row count of ``row_counts``."""
+    p = passes(saes, device, batch_rows)
+    step = -(-batch_rows // 128) * 128  # the batch step of context_batches: blocks hold whole batches
+    block = max(1, -(-block_rows // step)) * step
+    edges = sorted(set(range(0, max(row_counts), block)) | set(row_counts))
+    total, results = {"eval": 0.0, "eval+browser": 0.0}, []
+    for i, (a, b) in enumerate(itertools.pairwise(edges)):
+        for name in (["eval", "eval+browser"] if i % 2 == 0 else ["eval+browser", "eval"]):
+            total[name] += timed(lambda name=name, span=(a, b): p[name](store, span), device)
+        if b in row_counts:
+            results.append({"rows": b, **finish({**total, "browser alone": float("nan")}, p["collector"])})
+            print(f"rows {b}: {results[-1]}", flush=True)
+    return results
+
+
+def finish(out: dict, col) -> dict:
+    l0 = [float(r["fired"].sum() / r["n_tokens"]) for r in map(col.result, range(len(col.n_latents)))]
+    out["l0_first_member"], out["l0"] = l0[0], l0
     out["ratio"] = out["eval+browser"] / out["eval"]
     return out
 
@@ -115,7 +157,9 @@ def main() -> None:
     p.add_argument("--d_sae", type=int, default=4608)
     p.add_argument("--batch_rows", type=int, default=2048)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--skip_alone", action="store_true", help="skip the browser-alone pass (saves a third)")
+    p.add_argument("--mode", choices=["interleaved", "sequential"], default="interleaved")
+    p.add_argument("--block_rows", type=int, default=16384, help="interleaved mode: rows per block")
+    p.add_argument("--skip_alone", action="store_true", help="sequential mode: skip the browser-alone pass")
     p.add_argument("--out", default=str(ROOT / "runs" / "bench" / "bench_browser.json"))
     args = p.parse_args()
     row_counts = [int(r) for r in args.rows.split(",")]
@@ -124,17 +168,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store = make_store(Path(tmp) / "s.zarr", max(row_counts), args.d_in)
         run(store, saes, min(2048, max(row_counts)), args.device, args.batch_rows, True)  # warm-up
-        for rows in row_counts:
+        if args.mode == "interleaved":
+            results = run_interleaved(store, saes, row_counts, args.device, args.batch_rows, args.block_rows)
+        for rows in row_counts if args.mode == "sequential" else []:
             r = run(store, saes, rows, args.device, args.batch_rows, args.skip_alone)
             results.append({"rows": rows, **r})
             print(f"rows {rows}: {r}", flush=True)
     print(f"\n{args.members} members x {args.d_sae} latents, d_in {args.d_in}, device {args.device}, "
-          f"torch threads {torch.get_num_threads()}\n")
-    print("| rows | eval pass (s) | eval + browser (s) | ratio | browser alone (s) | L0 (member 0) |")
+          f"torch threads {torch.get_num_threads()}, mode {args.mode}\n")
+    print("| rows | eval pass (s) | eval + browser (s) | ratio | browser alone (s) | L0 (first, last member) |")
     print("|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['rows']:,} | {r['eval']:.1f} | {r['eval+browser']:.1f} | {r['ratio']:.3f} | "
-              f"{r['browser alone']:.1f} | {r['l0_first_member']:.1f} |")
+              f"{r['browser alone']:.1f} | {r['l0'][0]:.1f}, {r['l0'][-1]:.1f} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
 

@@ -145,7 +145,7 @@ class FeatureCollector:
         keep = keep.to(self.device)
         f = f[:, :n].to(self.device, torch.float32).contiguous()
         self.n_tokens[member] += f.shape[0]
-        flat = f.view(-1).nonzero()[:, 0]  # the non-zeros, row-major: (row of f) * n + latent
+        flat = _nonzero_flat(f)  # the non-zeros, row-major: (row of f) * n + latent
         if flat.numel() == 0:
             return
         frow, lat = flat // n, flat % n
@@ -255,6 +255,18 @@ class FeatureCollector:
         for name, buf in (("top", top), ("samples", samples)):
             out[name] = {a: getattr(buf, a).cpu().numpy() for a in ("value", "row", "window", "window_row")}
         return out
+
+
+def _nonzero_flat(f: Tensor) -> Tensor:
+    """The flat indices of the non-zeros of a contiguous ``f``, ascending: ``f.view(-1).nonzero()[:, 0]``. On CPU
+    the same set, found faster: NumPy's ``!= 0`` mask is read 8 bytes at a time as int64 words and only the words
+    holding a non-zero byte are expanded (one torch CPU thread scans ~2x slower element by element)."""
+    if f.device.type != "cpu" or f.numel() % 8:
+        return f.view(-1).nonzero()[:, 0]
+    mask = torch.from_numpy(f.detach().numpy() != 0).view(-1)
+    words = mask.view(torch.int64).nonzero()[:, 0]
+    cand = (words[:, None] * 8 + torch.arange(8)).view(-1)
+    return cand.index_select(0, mask.index_select(0, cand).nonzero()[:, 0])
 
 
 def _sorted(buf: LatentWindows) -> LatentWindows:

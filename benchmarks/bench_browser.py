@@ -70,6 +70,21 @@ def make_store(path: Path, rows: int, d_in: int):
     return ActivationStore.open(path)
 
 
+def open_store(path: Path, rows: int, d_in: int):
+    """A new synthetic store written at ``path``, or the one there when it is a complete synthetic store of at least
+    ``rows`` rows of width ``d_in`` (anything else at ``path`` is refused, never overwritten)."""
+    from saetool.store import ActivationStore
+
+    if not path.exists():
+        return make_store(path, rows, d_in)
+    store = ActivationStore.open(path) if (path / "zarr.json").exists() else None
+    if store is None or store.spec.model != "synthetic" or not store.complete or store.spec.n_rows < rows \
+            or store.spec.widths.get(HOOK) != d_in:
+        sys.exit(f"--store {path}: not a complete synthetic store of >= {rows} rows of width {d_in}; "
+                 "pass a new folder")
+    return store
+
+
 def make_saes(members: int, d_in: int, d_sae: int, device: str):
     from saetool.sae import SparseLinearAutoencoder
 
@@ -86,14 +101,20 @@ def make_saes(members: int, d_in: int, d_sae: int, device: str):
     return saes
 
 
-def timed(fn, device: str) -> float:
+def timed(fn, device: str) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of ``fn()``."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     fn()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    return time.perf_counter() - t
+    return time.perf_counter() - t, time.process_time() - c
+
+
+def add_time(total: dict, name: str, wall_cpu: tuple[float, float]) -> None:
+    total[name] = total.get(name, 0.0) + wall_cpu[0]
+    total[name + " cpu"] = total.get(name + " cpu", 0.0) + wall_cpu[1]
 
 
 def passes(saes, device: str, batch_rows: int):
@@ -119,10 +140,10 @@ def passes(saes, device: str, batch_rows: int):
 
 def run(store, saes, rows: int, device: str, batch_rows: int, skip_alone: bool = False) -> dict:
     """Sequential mode: whole passes over rows ``[0, rows)`` one after the other."""
-    p, span = passes(saes, device, batch_rows), (0, rows)
-    out = {name: timed(lambda name=name: p[name](store, span), device) for name in ("eval", "eval+browser")}
-    out["browser alone"] = float("nan") if skip_alone else timed(lambda: p["browser alone"](store, span), device)
-    return finish(out, p["collector"])
+    p, span, out = passes(saes, device, batch_rows), (0, rows), {}
+    for name in ("eval", "eval+browser") if skip_alone else ("eval", "eval+browser", "browser alone"):
+        add_time(out, name, timed(lambda name=name: p[name](store, span), device))
+    return finish(out, p["collector"], device)
 
 
 def run_interleaved(store, saes, row_counts: list[int], device: str, batch_rows: int, block_rows: int) -> list[dict]:
@@ -132,20 +153,25 @@ def run_interleaved(store, saes, row_counts: list[int], device: str, batch_rows:
     step = -(-batch_rows // 128) * 128  # the batch step of context_batches: blocks hold whole batches
     block = max(1, -(-block_rows // step)) * step
     edges = sorted(set(range(0, max(row_counts), block)) | set(row_counts))
-    total, results = {"eval": 0.0, "eval+browser": 0.0}, []
+    total, results = {}, []
     for i, (a, b) in enumerate(itertools.pairwise(edges)):
         for name in (["eval", "eval+browser"] if i % 2 == 0 else ["eval+browser", "eval"]):
-            total[name] += timed(lambda name=name, span=(a, b): p[name](store, span), device)
+            add_time(total, name, timed(lambda name=name, span=(a, b): p[name](store, span), device))
         if b in row_counts:
-            results.append({"rows": b, **finish({**total, "browser alone": float("nan")}, p["collector"])})
-            print(f"rows {b}: {results[-1]}", flush=True)
+            results.append({"rows": b, **finish(dict(total), p["collector"], device)})
+            print(f"rows {b}: " + ", ".join(f"{k} {v:.3f}" for k, v in results[-1].items() if k != "l0"),
+                  flush=True)
     return results
 
 
-def finish(out: dict, col) -> dict:
+def finish(out: dict, col, device: str) -> dict:
+    """Adds the ratios: ``ratio`` of CPU times on a CPU device (what the passes cost this process, whatever else runs
+    on a shared machine; one torch thread), of wall times on a GPU; ``ratio_wall`` of wall times."""
     l0 = [float(r["fired"].sum() / r["n_tokens"]) for r in map(col.result, range(len(col.n_latents)))]
-    out["l0_first_member"], out["l0"] = l0[0], l0
-    out["ratio"] = out["eval+browser"] / out["eval"]
+    out["l0"] = l0
+    out["ratio_wall"] = out["eval+browser"] / out["eval"]
+    out["ratio"] = out["ratio_wall"] if device.startswith("cuda") else out["eval+browser cpu"] / out["eval cpu"]
+    out.setdefault("browser alone", float("nan"))
     return out
 
 
@@ -160,26 +186,32 @@ def main() -> None:
     p.add_argument("--mode", choices=["interleaved", "sequential"], default="interleaved")
     p.add_argument("--block_rows", type=int, default=16384, help="interleaved mode: rows per block")
     p.add_argument("--skip_alone", action="store_true", help="sequential mode: skip the browser-alone pass")
+    p.add_argument("--store", default=None, help="keep the synthetic store in this folder and reuse it when it "
+                   "holds enough rows of --d_in (default: a temporary folder)")
     p.add_argument("--out", default=str(ROOT / "runs" / "bench" / "bench_browser.json"))
     args = p.parse_args()
     row_counts = [int(r) for r in args.rows.split(",")]
     saes = make_saes(args.members, args.d_in, args.d_sae, args.device)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        store = make_store(Path(tmp) / "s.zarr", max(row_counts), args.d_in)
+        store = open_store(Path(args.store) if args.store else Path(tmp) / "s.zarr", max(row_counts), args.d_in)
         run(store, saes, min(2048, max(row_counts)), args.device, args.batch_rows, True)  # warm-up
         if args.mode == "interleaved":
             results = run_interleaved(store, saes, row_counts, args.device, args.batch_rows, args.block_rows)
         for rows in row_counts if args.mode == "sequential" else []:
             r = run(store, saes, rows, args.device, args.batch_rows, args.skip_alone)
             results.append({"rows": rows, **r})
-            print(f"rows {rows}: {r}", flush=True)
+            print(f"rows {rows}: " + ", ".join(f"{k} {v:.3f}" for k, v in r.items() if k != "l0"), flush=True)
     print(f"\n{args.members} members x {args.d_sae} latents, d_in {args.d_in}, device {args.device}, "
           f"torch threads {torch.get_num_threads()}, mode {args.mode}\n")
-    print("| rows | eval pass (s) | eval + browser (s) | ratio | browser alone (s) | L0 (first, last member) |")
-    print("|---|---|---|---|---|---|")
+    cpu = not args.device.startswith("cuda")
+    t = "CPU" if cpu else "wall"
+    print(f"| rows | eval pass ({t} s) | eval + browser ({t} s) | ratio ({t}) | ratio (wall) | browser alone (s) "
+          "| L0 (first, last member) |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['rows']:,} | {r['eval']:.1f} | {r['eval+browser']:.1f} | {r['ratio']:.3f} | "
+        e, b = (r[k + " cpu"] if cpu else r[k] for k in ("eval", "eval+browser"))
+        print(f"| {r['rows']:,} | {e:.1f} | {b:.1f} | {r['ratio']:.3f} | {r['ratio_wall']:.3f} | "
               f"{r['browser alone']:.1f} | {r['l0'][0]:.1f}, {r['l0'][-1]:.1f} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))

@@ -1,8 +1,8 @@
 """Cost of the feature browser's collection pass vs the held-out evaluation pass it extends (a script, not a test).
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_browser.py --rows 16384              # 16 x 4,608, ~2 min
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_browser.py --members 1 \
-        --rows 16384,65536,262144,1000000                                   # the issue's 1M rows, ~10 min
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_browser.py --rows 16384 --block_rows 4096   # 16 x 4,608
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_browser.py --members 2 \
+        --rows 16384,65536,262144,1000000 --store runs/bench/store1M.zarr      # the issue's 1M rows, ~1 CPU-hour
     .venv/bin/python benchmarks/bench_browser.py --rows 1000000 --device cuda            # the issue's full size
 
 Issue 12 item 4: collecting for 16 members x 4,608 latents over 1M rows must cost at most the held-out

@@ -24,7 +24,9 @@ window values plus small per-latent arrays (``O(members x latents x N)``; no act
 The buffers are merged per batch from the batch's non-zero activations only (sparse); slots stay unordered until
 the end and only candidates that enter a buffer have their window gathered, so once the buffers are full the extra
 work per batch grows with the firings that beat a latent's current K-th entry (about ``K ln(firings / K)`` per
-latent over a whole pass), not with ``tokens x latents``.
+latent over a whole pass), not with ``tokens x latents``; what every batch pays is one scan of ``f`` for its
+non-zeros (the histogram and the density need each one) and a few operations per non-zero. The cost against the
+evaluation pass is measured by ``benchmarks/bench_browser.py`` (README, "The feature browser").
 
 Token ids of the windows are read from the store's ``tokens`` array once, after the pass, for the contexts that
 the kept windows reference.

@@ -24,7 +24,9 @@ window values plus small per-latent arrays (``O(members x latents x N)``; no act
 The buffers are merged per batch from the batch's non-zero activations only (sparse); slots stay unordered until
 the end and only candidates that enter a buffer have their window gathered, so once the buffers are full the extra
 work per batch grows with the firings that beat a latent's current K-th entry (about ``K ln(firings / K)`` per
-latent over a whole pass), not with ``tokens x latents``.
+latent over a whole pass), not with ``tokens x latents``; what every batch pays is one scan of ``f`` for its
+non-zeros (the histogram and the density need each one) and a few operations per non-zero. The cost against the
+evaluation pass is measured by ``benchmarks/bench_browser.py`` (README, "The feature browser").
 
 Token ids of the windows are read from the store's ``tokens`` array once, after the pass, for the contexts that
 the kept windows reference.
@@ -143,80 +145,99 @@ class FeatureCollector:
         """
         n = self.n_latents[member]
         keep = keep.to(self.device)
-        f = f[:, :n].to(self.device, torch.float32)
-        slot = torch.full((len(keep),), -1, dtype=torch.int64, device=self.device)  # batch row -> row of f
-        slot[keep] = torch.arange(int(keep.sum()), device=self.device)
+        f = f[:, :n].to(self.device, torch.float32).contiguous()
         self.n_tokens[member] += f.shape[0]
-        nz = f.nonzero()  # [nnz, 2]: (row of f, latent)
-        if nz.numel() == 0:
+        flat = _nonzero_flat(f)  # the non-zeros, row-major: (row of f) * n + latent
+        if flat.numel() == 0:
             return
-        lat = nz[:, 1]
-        val = f[nz[:, 0], lat]
+        frow, lat = flat // n, flat % n
+        val = f.view(-1).index_select(0, flat)
         self.fired[member] += torch.bincount(lat, minlength=n)
         n_bins = self.hist[member].shape[1]
         b = (torch.floor(10 * (torch.log10(val.clamp_min(1e-30).double()) - HIST_EDGES[0])) + 1).clamp(0, n_bins - 1)
         self.hist[member] += torch.bincount(lat * n_bins + b.long(), minlength=n * n_bins).reshape(n, n_bins)
         kept_rows = keep.nonzero()[:, 0]  # batch row of each row of f
-        ctx = (start, keep, slot, f)
+        slot = torch.full((len(keep),), -1, dtype=torch.int64, device=self.device)  # batch row -> row of f
+        slot[kept_rows] = torch.arange(len(kept_rows), device=self.device)
+        ctx = (start, slot, f)
         # Prefilters on the non-zeros: only positions that beat their latent's current K-th entry become candidates,
         # so once the buffers are full a batch yields few candidates (activations are >= 0 for every architecture).
         top = self.top_buf[member]
-        sel = (val > top.score.min(dim=1).values.clamp_min(0)[lat]).nonzero()[:, 0]
+        sel = (val > top.score.min(dim=1).values.clamp_min(0).index_select(0, lat)).nonzero()[:, 0]
         if sel.numel():
-            self._merge(top, lat[sel], kept_rows[nz[sel, 0]], val[sel], val[sel], ctx)
+            cand_val = val.index_select(0, sel)
+            self._merge(top, lat.index_select(0, sel), kept_rows.index_select(0, frow.index_select(0, sel)),
+                        cand_val, cand_val, ctx)
         if self.samples:
             smp = self.sample_buf[member]
             row_score = -sample_keys(kept_rows + start, self.seed)  # [n_kept]: higher = earlier in the sample
-            sel = (row_score[nz[:, 0]] > smp.score.min(dim=1).values[lat]).nonzero()[:, 0]
+            score = row_score.index_select(0, frow)
+            sel = (score > smp.score.min(dim=1).values.index_select(0, lat)).nonzero()[:, 0]
             if sel.numel():
-                r = nz[sel, 0]
-                self._merge(smp, lat[sel], kept_rows[r], row_score[r], val[sel], ctx)
+                r = frow.index_select(0, sel)
+                self._merge(smp, lat.index_select(0, sel), kept_rows.index_select(0, r), score.index_select(0, sel),
+                            val.index_select(0, sel), ctx)
 
-    def _merge(self, buf: LatentWindows, lat: Tensor, brow: Tensor, score: Tensor, val: Tensor, ctx) -> LatentWindows:
-        """Merge the candidates (latent, batch row, score, value) into ``buf`` in place, keeping the K best scores
-        per latent. Slots are unordered until :meth:`result`: a candidate that enters takes the slot of an entry it
-        evicts, and only entering candidates have their windows gathered, so the work per batch grows with the
-        candidates, not with latents x K x W."""
-        start, keep, slot, f = ctx
+    def _merge(self, buf: LatentWindows, lat: Tensor, brow: Tensor, score: Tensor, val: Tensor, ctx) -> None:
+        """Merge the candidates (latent, batch row, score, value), each better than its latent's current K-th
+        score, into ``buf`` in place, keeping the K best scores per latent. Slots are unordered until
+        :meth:`result`: a candidate that enters takes the slot of an entry it evicts, and only entering candidates
+        have their windows gathered, so the work per batch grows with the candidates, not with latents x K x W.
+        Indexing is flat (``index_select``/``index_copy_`` on 1-D views), much cheaper on CPU than advanced
+        indexing."""
         k = buf.score.shape[1]
-        better = (score > buf.score.min(dim=1).values[lat]).nonzero()[:, 0]  # indices, not a mask: fewer passes
-        if better.numel() == 0:
-            return buf
-        lat, brow, score, val = lat[better], brow[better], score[better], val[better]
         order = torch.argsort(score, descending=True, stable=True)
-        order = order[torch.argsort(lat[order], stable=True)]  # by latent, best first within a latent
-        lat, brow, score, val = lat[order], brow[order], score[order], val[order]
+        order = order.index_select(0, torch.argsort(lat.index_select(0, order), stable=True))  # by latent, best first
+        lat, brow, score, val = (a.index_select(0, order) for a in (lat, brow, score, val))
         rank = torch.arange(len(lat), device=lat.device) - torch.searchsorted(lat, lat)
         sel = (rank < k).nonzero()[:, 0]
-        lat, brow, score, val, rank = lat[sel], brow[sel], score[sel], val[sel], rank[sel]
-        touched, u = torch.unique(lat, return_inverse=True)
+        lat, brow, score, val, rank = (a.index_select(0, sel) for a in (lat, brow, score, val, rank))
+        touched, u = torch.unique_consecutive(lat, return_inverse=True)
+        cell = u * k + rank  # the candidate's cell in [len(touched), K]
         low = -torch.inf if score.dtype.is_floating_point else torch.iinfo(score.dtype).min
-        cand = torch.full((len(touched), k), low, dtype=score.dtype, device=score.device)
-        cand[u, rank] = score
-        best = torch.topk(torch.cat([buf.score[touched], cand], dim=1), k, dim=1).indices  # [T, K]
+        cand = torch.full((len(touched) * k,), low, dtype=score.dtype, device=score.device)
+        cand.index_copy_(0, cell, score)
+        both = torch.cat([buf.score.index_select(0, touched), cand.view(-1, k)], dim=1)
+        best = torch.topk(both, k, dim=1).indices  # [T, K]
         old_kept = torch.zeros(len(touched), k, dtype=torch.int64, device=lat.device)
         new_in = torch.zeros_like(old_kept)
         old_kept.scatter_add_(1, best.clamp(max=k - 1), (best < k).long())
         new_in.scatter_add_(1, (best - k).clamp(min=0), (best >= k).long())
-        evict = (old_kept == 0).nonzero()  # row-major: row t's evicted slots pair with row t's entering candidates
-        enter = (new_in > 0).nonzero()
-        which = torch.full((len(touched), k), -1, dtype=torch.int64, device=lat.device)
-        which[u, rank] = torch.arange(len(lat), device=lat.device)
-        idx = which[enter[:, 0], enter[:, 1]]  # candidates that enter (-1: an empty slot won a tie of empties)
-        t, s = touched[evict[:, 0]], evict[:, 1]
+        evict = (old_kept.view(-1) == 0).nonzero()[:, 0]  # ascending: row t's evicted slots pair with its entrants
+        enter = (new_in.view(-1) > 0).nonzero()[:, 0]
+        which = torch.full((len(touched) * k,), -1, dtype=torch.int64, device=lat.device)
+        which.index_copy_(0, cell, torch.arange(len(lat), device=lat.device))
+        idx = which.index_select(0, enter)  # candidates that enter (-1: an empty slot won a tie of empties)
+        dest = touched.index_select(0, evict // k) * k + evict % k  # flat slot in [n_latents * K]
         if not bool((idx >= 0).all()):
-            empty = idx < 0
-            buf.score[t[empty], s[empty]], buf.row[t[empty], s[empty]] = low, -1
-            t, s, idx = t[~empty], s[~empty], idx[~empty]
-        buf.score[t, s], buf.value[t, s], buf.row[t, s] = score[idx], val[idx], brow[idx] + start
-        win = brow[idx][:, None] + self.offsets  # batch rows of each window
-        c = self.context_size
-        inside = (win >= 0) & (win < len(keep)) & ((win + start) // c == ((brow[idx] + start) // c)[:, None])
-        win_c = win.clamp(0, len(keep) - 1)
-        ok = inside & keep[win_c]
-        buf.window[t, s] = torch.where(ok, f[slot[win_c].clamp_min(0), lat[idx][:, None]], 0.0)
-        buf.window_row[t, s] = torch.where(inside, win_c + start, -1)
-        return buf
+            empty = (idx < 0).nonzero()[:, 0]
+            buf.score.view(-1).index_fill_(0, dest.index_select(0, empty), low)
+            buf.row.view(-1).index_fill_(0, dest.index_select(0, empty), -1)
+            full = (idx >= 0).nonzero()[:, 0]
+            dest, idx = dest.index_select(0, full), idx.index_select(0, full)
+        lat, brow, score, val = (a.index_select(0, idx) for a in (lat, brow, score, val))
+        start = ctx[0]
+        buf.score.view(-1).index_copy_(0, dest, score)
+        buf.value.view(-1).index_copy_(0, dest, val)
+        buf.row.view(-1).index_copy_(0, dest, brow + start)
+        window, window_row = self._windows(lat, brow, ctx)
+        buf.window.view(-1, window.shape[1]).index_copy_(0, dest, window)
+        buf.window_row.view(-1, window.shape[1]).index_copy_(0, dest, window_row)
+
+    def _windows(self, lat: Tensor, brow: Tensor, ctx) -> tuple[Tensor, Tensor]:
+        """The windows of positions (latent, batch row) ``[E]``: the latent's activations ``[E, W]`` (0 outside
+        the context or at rows not kept) and the store rows ``[E, W]`` (-1 outside the context or the batch)."""
+        start, slot, f = ctx
+        c, n_rows = self.context_size, len(slot)
+        first = (brow + start) // c * c - start  # batch row of the position's context start
+        lo, hi = first.clamp_min(0), (first + c).clamp_max(n_rows)  # the context, clipped to the batch
+        win = brow[:, None] + self.offsets  # batch rows of each window
+        inside = (win >= lo[:, None]) & (win < hi[:, None])
+        win = win.clamp(0, n_rows - 1)
+        frow = slot.index_select(0, win.view(-1)).view(win.shape)  # row of f, -1: not kept
+        n = f.shape[1]
+        act = f.view(-1).index_select(0, (frow.clamp_min(0) * n + lat[:, None]).view(-1)).view(win.shape)
+        return torch.where(inside & (frow >= 0), act, 0.0), torch.where(inside, win + start, -1)
 
     def result(self, member: int) -> dict:
         """The collected data of one member as NumPy arrays (``n`` = n_latents, W = window length):
@@ -236,6 +257,18 @@ class FeatureCollector:
         for name, buf in (("top", top), ("samples", samples)):
             out[name] = {a: getattr(buf, a).cpu().numpy() for a in ("value", "row", "window", "window_row")}
         return out
+
+
+def _nonzero_flat(f: Tensor) -> Tensor:
+    """The flat indices of the non-zeros of a contiguous ``f``, ascending: ``f.view(-1).nonzero()[:, 0]``. On CPU
+    the same set, found faster: NumPy's ``!= 0`` mask is read 8 bytes at a time as int64 words and only the words
+    holding a non-zero byte are expanded (one torch CPU thread scans ~2x slower element by element)."""
+    if f.device.type != "cpu" or f.numel() % 8:
+        return f.view(-1).nonzero()[:, 0]
+    mask = torch.from_numpy(f.detach().numpy() != 0).view(-1)
+    words = mask.view(torch.int64).nonzero()[:, 0]
+    cand = (words[:, None] * 8 + torch.arange(8)).view(-1)
+    return cand.index_select(0, mask.index_select(0, cand).nonzero()[:, 0])
 
 
 def _sorted(buf: LatentWindows) -> LatentWindows:

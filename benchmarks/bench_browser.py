@@ -51,7 +51,8 @@ HOOK = "blocks.0.hook_resid_post"
 
 
 def make_store(path: Path, rows: int, d_in: int):
-    from saetool.store import ActivationStore, StoreSpec, to_store_array
+    from saetool.store import ActivationStore, StoreSpec
+    from saetool.store_values import to_store_array
 
     ctx, chunk = 128, 8192
     rows = -(-rows // chunk) * chunk  # whole chunks (a pass may stop inside the last one)

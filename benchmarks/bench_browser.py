@@ -8,7 +8,7 @@
 Issue 12 item 4: collecting for 16 members x 4,608 latents over 1M rows must cost at most the held-out
 evaluation pass plus 50%. Both passes run here side by side, on the same store and SAEs, in one process:
 
-* ``eval``: :func:`saetool.browser.collect.encode_pass` with the report's ReconstructionStats only (what the
+* ``eval``: :func:`saetool.report.browser.collect.encode_pass` with the report's ReconstructionStats only (what the
   report's held-out metrics cost: read, encode, decode, statistics);
 * ``eval+browser``: the same pass feeding the browser's :class:`FeatureCollector` too (the report's default: one
   encode serves both; top 20, 25 samples, windows 12 + 1 + 4);
@@ -51,8 +51,8 @@ HOOK = "blocks.0.hook_resid_post"
 
 
 def make_store(path: Path, rows: int, d_in: int):
-    from saetool.store import ActivationStore, StoreSpec
-    from saetool.store_values import to_store_array
+    from saetool.store.activation_store import ActivationStore, StoreSpec
+    from saetool.store.values import to_store_array
 
     ctx, chunk = 128, 8192
     rows = -(-rows // chunk) * chunk  # whole chunks (a pass may stop inside the last one)
@@ -74,7 +74,7 @@ def make_store(path: Path, rows: int, d_in: int):
 def open_store(path: Path, rows: int, d_in: int):
     """A new synthetic store written at ``path``, or the one there when it is a complete synthetic store of at least
     ``rows`` rows of width ``d_in`` (anything else at ``path`` is refused, never overwritten)."""
-    from saetool.store import ActivationStore
+    from saetool.store.activation_store import ActivationStore
 
     if not path.exists():
         return make_store(path, rows, d_in)
@@ -87,7 +87,7 @@ def open_store(path: Path, rows: int, d_in: int):
 
 
 def make_saes(members: int, d_in: int, d_sae: int, device: str):
-    from saetool.sae import SparseLinearAutoencoder
+    from saetool.saved.sae import SparseLinearAutoencoder
 
     g = torch.Generator().manual_seed(1)
     saes = []
@@ -121,8 +121,8 @@ def add_time(total: dict, name: str, wall_cpu: tuple[float, float]) -> None:
 def passes(saes, device: str, batch_rows: int):
     """The two passes over a row range ``span``: ``eval(span)`` and ``both(span)``, each with its own statistics and
     ``both`` with one collector kept across calls."""
-    from saetool.browser.collect import FeatureCollector, encode_pass
-    from saetool.metrics import ReconstructionStats
+    from saetool.evaluate.metrics import ReconstructionStats
+    from saetool.report.browser.collect import FeatureCollector, encode_pass
 
     def stats():
         return [ReconstructionStats(1, s.d_in, s.d_sae, device=device) for s in saes]

@@ -63,12 +63,12 @@ def main() -> None:
         p.error("--tokens must be a multiple of --chunk_size, itself a multiple of --context_size")
 
     import saetool.generate
-    from saetool.config import GenerateConfig
-    from saetool.data import special_token_ids
+    from saetool.config.configs import GenerateConfig
     from saetool.generate import run_generate
-    from saetool.models import load_model
-    from saetool.stream import ContextStream
-    from saetool.text import open_documents
+    from saetool.lm.models import load_model
+    from saetool.text.packing import special_token_ids
+    from saetool.text.sources import open_documents
+    from saetool.text.stream import ContextStream
 
     # Time spent inside the model forward (`record_activations` = run_with_cache + flattening) during each
     # saetool run: the rest of the generation loop is saetool's own cost, measured in the same run and so

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_loader.py --store runs/demo/activations.zarr --out runs/bench
 
 (a) `BatchLoader.epoch` (shuffled, masked batches in the store dtype, `--threads` read threads);
-(b) the same chunk files decoded directly (saetool.chunks, no shuffle or mask) on the same number of threads;
+(b) the same chunk files decoded directly (saetool.store.chunks, no shuffle or mask) on the same number of threads;
 (c) a random gather + fp16 -> fp32 of rows already in RAM, batch by batch (what the step's side pays);
 (d) the old single-threaded path for reference: zarr reads converted to fp32, then masked and permuted.
 Each route runs `--repeats` times; the best is reported. Writes DIR/loader.json.
@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from saetool.chunks import ChunkReader
-from saetool.loader import BatchLoader
-from saetool.store import ActivationStore
+from saetool.store.activation_store import ActivationStore
+from saetool.store.chunks import ChunkReader
+from saetool.store.loader import BatchLoader
 
 
 def best_rate(fn, repeats: int) -> float:
@@ -55,7 +55,7 @@ def main() -> None:
 
     reader = ChunkReader.for_array(store.path / hook)
     if reader is None:
-        raise SystemExit(f"{args.store}: {hook} is not in a layout saetool.chunks decodes")
+        raise SystemExit(f"{args.store}: {hook} is not in a layout saetool.store.chunks decodes")
 
     def decode() -> int:
         with ThreadPoolExecutor(args.threads) as ex:

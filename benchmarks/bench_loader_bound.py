@@ -18,11 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from saetool.config import SweepConfig
-from saetool.distributed import Dist
+from saetool.config.configs import SweepConfig
 from saetool.train.feed import device_batches
 from saetool.train.setup import setup_run
 from saetool.train.step import choose_step
+from saetool.util.distributed import Dist
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_multihook.py --store runs/mlp3.zarr --out runs/bench
 
-(a) `saetool sweep --hook_name all` (saetool.multihook: one loader reads every hook's columns of the same rows);
+(a) `saetool sweep --hook_name all` (saetool.sweep.multihook: one loader reads every hook's columns of the same rows);
 (b) one `saetool sweep --hook_name H` per hook of the store, one after the other.
 Same flags for both (standard, --l1_values of --members values, --ratio, --batch_size, one pass, no report). Counts
 the store's chunk reads of training rows (ActivationStore.read_rows calls of at most one chunk) and the wall time of
@@ -11,7 +11,7 @@ each route, and checks that every member of (a) equals its twin of (b). Writes D
     .venv/bin/python benchmarks/bench_multihook.py --plan
 
 prints, without training, how `--parallel members` shares the members of several hooks across ranks for common
-models and hook sets (saetool.multihook.member_shares' cost model and saetool.distributed.partition_by_cost): the
+models and hook sets (saetool.sweep.multihook.member_shares' cost model and saetool.util.distributed.partition_by_cost): the
 largest rank's cost over the mean (1.00 = perfect balance) against two simpler splits, equal member counts ignoring
 cost, and each hook's members split evenly over the ranks (what one member-parallel sweep per hook does, which
 leaves ranks idle when a hook has fewer members than ranks), and the most ensembles one rank holds.
@@ -29,10 +29,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from saetool.config import SweepConfig, build
-from saetool.io import read_index
-from saetool.store import ActivationStore
-from saetool.sweep import run_sweep
+from saetool.config.configs import SweepConfig, build
+from saetool.saved.folders import read_index
+from saetool.store.activation_store import ActivationStore
+from saetool.sweep.driver import run_sweep
 
 
 def counted(fn, store_rows: int, chunk: int) -> tuple[float, int]:
@@ -75,7 +75,7 @@ def _worst(costs: list[int], shares, ranks: int) -> float:
 
 def plan() -> None:
     """The --plan table (see the module docstring)."""
-    from saetool.distributed import partition_by_cost, split_evenly
+    from saetool.util.distributed import partition_by_cost, split_evenly
 
     print("| case | ranks | members | cost-balanced (ours) | equal counts | each hook split evenly | most ensembles "
           "on one rank |")

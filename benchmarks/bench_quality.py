@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_quality.py --store runs/demo/activations.zarr   # after `make demo`
 
 Every recipe trains one pass over the store's training rows (the sweep's rows: all but the last --eval_tokens) at
-one batch size and learning rate. The batches are the sweep's own (saetool.loader.BatchLoader with the sweep's
+one batch size and learning rate. The batches are the sweep's own (saetool.store.loader.BatchLoader with the sweep's
 seed and chunk pooling), handed to SAELens's SAETrainer as its data provider, so both tools see identical rows.
 Each saved SAE is then evaluated here, independently of both tools' metrics code, on the held-out rows:
 FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 and L0 = mean number of nonzero latents per row. The table gives
@@ -32,12 +32,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from saetool.config import SweepConfig, build
-from saetool.ensemble import init_member
-from saetool.io import load_sweep
-from saetool.loader import BatchLoader
-from saetool.store import ActivationStore
-from saetool.sweep import run_sweep
+from saetool.config.configs import SweepConfig, build
+from saetool.ensemble.stack import init_member
+from saetool.saved.folders import load_sweep
+from saetool.store.activation_store import ActivationStore
+from saetool.store.loader import BatchLoader
+from saetool.sweep.driver import run_sweep
 from saetool.train.setup import b_dec_init, split_rows
 
 L0_TARGETS = (32, 64, 128)

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 def build_corpus(path: Path, copies: int) -> int:
     """Write `copies` perturbed replicas of the plays to a jsonl; returns its size in bytes."""
-    from saetool.text import shakespeare_files
+    from saetool.text.sources import shakespeare_files
 
     plays = [Path(f).read_text(errors="replace").splitlines() for f in shakespeare_files()]
     with open(path, "w") as f:
@@ -88,10 +88,10 @@ def generate_cmd(n_procs: int, flags: dict) -> list[str]:
 
 def tokenise_rates(corpus: Path, n_tokens: int) -> dict:
     """tokens/s of ContextStream vs the tokenizer's own batched call, on the same first documents."""
-    from saetool.data import encode_texts, special_token_ids
-    from saetool.models import load_model
-    from saetool.stream import ContextStream
-    from saetool.text import open_documents
+    from saetool.lm.models import load_model
+    from saetool.text.packing import encode_texts, special_token_ids
+    from saetool.text.sources import open_documents
+    from saetool.text.stream import ContextStream
 
     tok = load_model("smollm2-135m", device="cpu").tokenizer
     special = special_token_ids(tok)

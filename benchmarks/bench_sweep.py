@@ -29,11 +29,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from saetool.ensemble import SAEEnsemble, init_member, train_step
-from saetool.fused import fused_loss_and_grads
-from saetool.loader import BatchLoader
-from saetool.metrics import fvu
-from saetool.store import ActivationStore
+from saetool.ensemble.fused import fused_loss_and_grads
+from saetool.ensemble.stack import SAEEnsemble, init_member, train_step
+from saetool.evaluate.metrics import fvu
+from saetool.store.activation_store import ActivationStore
+from saetool.store.loader import BatchLoader
 from saetool.train.step import train_batch_fused
 
 
@@ -103,7 +103,7 @@ def run_saetool(variant, l1, d_in, d_sae, mean, batches, eval_x, warmup, group=4
         def step(x):
             train_batch_fused(ens, opt, x, len(x), group, fn, grad_clip_norm=clip)
     else:
-        from saetool.ensemble import loss_and_stats
+        from saetool.ensemble.stack import loss_and_stats
 
         fn = torch.compile(loss_and_stats) if compile_ else loss_and_stats
 

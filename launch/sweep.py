@@ -7,11 +7,11 @@ Accelerate device (cuda:local_rank on GPUs; CPU processes on gloo with `Accelera
 from accelerate import Accelerator
 
 from saetool.cli import run_cli
-from saetool.config import SweepConfig, build
+from saetool.config.configs import SweepConfig, build
 
 
 def main(**flags):
-    from saetool.sweep import run_sweep, with_config
+    from saetool.sweep.driver import run_sweep, with_config
 
     cfg = build(SweepConfig, with_config(flags))
     acc = Accelerator(cpu=cfg.device == "cpu")

@@ -1,6 +1,6 @@
 """The `saetool` command line (Fire): `saetool generate ...`, `saetool sweep ...`.
 
-Every flag is a field of saetool.config.GenerateConfig / SweepConfig; `saetool generate --help` lists them.
+Every flag is a field of saetool.config.configs.GenerateConfig / SweepConfig; `saetool generate --help` lists them.
 Bad input exits with status 2 and one line on stderr: `saetool: error: <reason>`.
 """
 
@@ -10,8 +10,7 @@ import sys
 
 import fire
 
-from saetool.config import GenerateConfig, SweepConfig, build
-from saetool.flag_docs import help_text
+from saetool.config import GenerateConfig, SweepConfig, build, help_text
 
 
 def generate(**flags):

@@ -2,8 +2,8 @@
 
 Order of work (so bad input fails early and nothing half-written looks valid):
 1. load the model and validate every hook name (before any text is read);
-2. rank 0 writes the store's tokens (`write_tokens`): it opens the text lazily (saetool.text; a bad source or
-   text column fails here), streams it through `saetool.stream.ContextStream` (tokenise in batches, pack, seeded
+2. rank 0 writes the store's tokens (`write_tokens`): it opens the text lazily (saetool.text.sources; a bad source or
+   text column fails here), streams it through `saetool.text.stream.ContextStream` (tokenise in batches, pack, seeded
    shuffle buffer) only as far as the budget (--n_chunks x --chunk_size), creates the store once the first chunk
    is known (so "N tokens < one context" fails before anything is written) and writes every chunk's tokens and
    mask, then records `tokens_complete`. Its memory is the shuffle buffer plus one tokenisation batch, whatever
@@ -44,15 +44,18 @@ import torch
 from tqdm.auto import tqdm
 
 from saetool.config import GenerateConfig
-from saetool.data import special_token_ids
-from saetool.distributed import Dist, split_evenly
-from saetool.hooks import hook_widths, record_activations, resolve_hook_names, validate_hook_names
-from saetool.lock import writer_lock
-from saetool.models import EMBEDDED_MODEL, embedded_model_dir, load_model
-from saetool.store import ActivationStore, StoreSpec
-from saetool.store_values import StoreError, to_store_array
-from saetool.stream import ContextStream
-from saetool.text import open_documents
+from saetool.lm import (
+    EMBEDDED_MODEL,
+    embedded_model_dir,
+    hook_widths,
+    load_model,
+    record_activations,
+    resolve_hook_names,
+    validate_hook_names,
+)
+from saetool.store import ActivationStore, StoreError, StoreSpec, to_store_array
+from saetool.text import ContextStream, open_documents, special_token_ids
+from saetool.util import Dist, split_evenly, writer_lock
 
 POLL_SECONDS = 1.0  # rank 0 re-reads the store's commits at most this often for the aggregated progress bar
 STATE_SECONDS = 30.0  # rank 0 saves the token stream's state at most this often while writing tokens
@@ -114,7 +117,7 @@ def run_generate(cfg: GenerateConfig, dist: Dist | None = None, log=print) -> Ac
     """
     cfg.validate()
     dist = dist if dist is not None else Dist.current()
-    with writer_lock(cfg.dataset_folder, "dataset_folder", dist):  # one writer per store (saetool.lock)
+    with writer_lock(cfg.dataset_folder, "dataset_folder", dist):  # one writer per store (saetool.util.lock)
         return _generate(cfg, dist, log)
 
 

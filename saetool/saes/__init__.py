@@ -45,7 +45,7 @@ def is_generic(arch: ModuleType) -> bool:
 
 def weight_shapes(arch: ModuleType, d_in: int, d_sae: int, d_out: int | None = None) -> dict[str, tuple[int, ...]]:
     """{saved tensor name: shape} of one SAE of this architecture (d_out: a transcoder's output width; None = d_in).
-    A skip transcoder's W_skip [d_out, d_in] is not among them (saetool.transcoder adds it)."""
+    A skip transcoder's W_skip [d_out, d_in] is not among them (saetool.saes.transcoder adds it)."""
     sizes = {"d_in": d_in, "d_sae": d_sae, "d_out": d_in if d_out is None else d_out}
     return {k: tuple(sizes[s] for s in spec) for k, spec in getattr(arch, "WEIGHTS", AFFINE_WEIGHTS).items()}
 
@@ -60,3 +60,18 @@ def options_of(arch: ModuleType, d_sae: int, given: dict | None = None) -> dict:
     if hasattr(arch, "check_options"):
         arch.check_options(options, d_sae)
     return options
+
+
+from saetool.saes._common import decode, global_batch, global_sum
+from saetool.saes.transcoder import (
+    SAVED_TRANSCODERS,
+    check_sweep_flags,
+    check_transcoder,
+    has_skip,
+    is_transcoder_cfg,
+    saved_architecture,
+)
+
+__all__ = ["AFFINE_WEIGHTS", "ARCHITECTURES", "SAVED_TRANSCODERS", "check_sweep_flags", "check_transcoder", "decode",
+           "get_architecture", "global_batch", "global_sum", "has_skip", "is_generic", "is_transcoder_cfg",
+           "options_of", "saved_architecture", "weight_shapes"]

@@ -9,5 +9,15 @@
 - `logs`: the per-step log (train_log.jsonl, progress bar, Weights & Biases).
 - `outputs`: held-out evaluation, the saved sweep folder and its metrics tables.
 
-`saetool.sweep.run_sweep` strings them together: setup -> train -> evaluate -> save.
+`saetool.sweep.driver.run_sweep` strings them together: setup -> train -> evaluate -> save.
 """
+
+from saetool.train.checkpoint import load_checkpoint, read_saved
+from saetool.train.finish import finish_run, report_run
+from saetool.train.loop import RunTrainer, Trained, describe, train
+from saetool.train.outputs import frontier_table
+from saetool.train.setup import SweepRun, member_hyperparams, setup_run
+from saetool.train.step import choose_step
+
+__all__ = ["RunTrainer", "SweepRun", "Trained", "choose_step", "describe", "finish_run", "frontier_table",
+           "load_checkpoint", "member_hyperparams", "read_saved", "report_run", "setup_run", "train"]

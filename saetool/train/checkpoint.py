@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from saetool.distributed import Dist
-from saetool.io import read_index
+from saetool.saved import read_index
+from saetool.util import Dist
 
 # Settings that may differ between a checkpointed run and its resumption.
 RESUME_FREE = ("resume", "checkpoint_every", "device", "compile", "kernel", "member_group")

@@ -2,9 +2,9 @@
 
 The loader yields rows in the store's dtype (fp16/bf16/fp32) on the host; this rank's share of each batch
 (all of it, or its `split_evenly` slice with --parallel data) is copied to the device (on CUDA from pinned
-memory on a side stream, `saetool.loader.DeviceFeed`), converted to fp32 there and multiplied by the input
+memory on a side stream, `saetool.store.loader.DeviceFeed`), converted to fp32 there and multiplied by the input
 scale. Only the share travels: the full host batch is kept for the rare steps that need it (resampling).
-A transcoder run's rows hold its input and target hooks side by side ([x_in | x_out], saetool.loader); the step
+A transcoder run's rows hold its input and target hooks side by side ([x_in | x_out], saetool.store.loader); the step
 splits them (saetool.train.step.split_pair).
 """
 
@@ -14,8 +14,8 @@ from collections.abc import Iterator
 
 import torch
 
-from saetool.distributed import split_evenly
-from saetool.loader import DeviceFeed
+from saetool.store import DeviceFeed
+from saetool.util import split_evenly
 
 
 def device_batches(run, epoch: int, first_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from saetool.io import member_folder_names
+from saetool.saved import member_folder_names
 
 LOG_EVERY = 20
 
@@ -36,7 +36,7 @@ class TrainLogger:
         self.dist, self.data_parallel, self.by_members = dist, run.data_parallel, run.by_members
         self.file = self.wandb = None
         if cfg.wandb_project and dist.is_main:
-            from saetool import wandb_log
+            from saetool.train import wandb_log
 
             names = member_folder_names(cfg.architecture, [{h: (int if h == "k" else float)(v[i])
                                                             for h, v in run.hyper.items()} for i in range(run.n_members)])

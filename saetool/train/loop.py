@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from saetool.recipes import DeadLatentTracker, coefficient_multiplier, lr_multiplier, resample_dead_latents
+from saetool.ensemble import DeadLatentTracker, coefficient_multiplier, lr_multiplier, resample_dead_latents
 from saetool.saes import get_architecture
 from saetool.train.checkpoint import fingerprint
 from saetool.train.feed import device_batches
@@ -79,7 +79,7 @@ def train(run: SweepRun, step: Step, state: dict | None, log=print) -> Trained:
 class RunTrainer:
     """One run's training, batch by batch: `start_epoch(e)` -> first batch, `batch(e, i, x, x_local)` for each batch,
     `end_epoch(e)`, `end()`, `close()`, `result(seconds)`. `train` drives one run with it; several runs on the same
-    row batches (saetool.multihook) drive one RunTrainer each in lockstep. An idle run (no member on this
+    row batches (saetool.sweep.multihook) drive one RunTrainer each in lockstep. An idle run (no member on this
     member-parallel rank; step None) trains nothing but takes part in the run's collectives (logs, snapshots,
     checkpoints) at the same steps as the ranks that train it."""
 

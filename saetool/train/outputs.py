@@ -9,15 +9,13 @@ from pathlib import Path
 
 import torch
 
-import saetool
-from saetool.ensemble import SAEEnsemble
-from saetool.io import INDEX_FILE, write_sweep
-from saetool.loader import BatchLoader
-from saetool.metrics import ReconstructionStats
-from saetool.recipes import fold_normalization
+from saetool.ensemble import SAEEnsemble, fold_normalization
+from saetool.evaluate import ReconstructionStats
 from saetool.saes import get_architecture
-from saetool.store import ActivationStore
+from saetool.saved import INDEX_FILE, write_sweep
+from saetool.store import ActivationStore, BatchLoader
 from saetool.train.step import split_pair
+from saetool.util import __version__
 
 METRIC_KEYS = ("mse", "fvu", "explained_variance", "l0", "l1", "dead_fraction", "n_dead")
 
@@ -52,7 +50,7 @@ def save_sweep(run, out: Path, metrics: dict | None, training: dict) -> dict | N
     """Write a sweep folder from rank 0 and return its index (None on other ranks): with member-parallel ranks,
     every rank's members are gathered first (every rank must call this, also one holding none of the run's members);
     with data-parallel ranks, rank 0 holds all members and writes alone. An input scale (normalize_activations) is folded into the saved weights
-    (saetool.recipes.fold_normalization)."""
+    (saetool.ensemble.recipes.fold_normalization)."""
     cfg, store, ensemble, dist = run.cfg, run.store, run.ensemble, run.dist
     spec = store.spec
     payload = []
@@ -68,7 +66,7 @@ def save_sweep(run, out: Path, metrics: dict | None, training: dict) -> dict | N
                              "context_size": spec.context_size,
                              "prepend_bos": spec.extra.get("prepend_bos", True), "dataset_path": os.path.abspath(store.path),
                              "dataset": spec.dataset, "seed": ensemble.seeds[j],
-                             "saetool_version": saetool.__version__},
+                             "saetool_version": __version__},
             }
             weights = {k: v.cpu() for k, v in ensemble.member_weights(j).items()}
             if run.scale != 1.0:
@@ -79,7 +77,7 @@ def save_sweep(run, out: Path, metrics: dict | None, training: dict) -> dict | N
     if not dist.is_main:
         return None
     members = [m[1:] for m in sorted(payload, key=lambda m: m[0])]
-    index = {"saetool_version": saetool.__version__, "config": dataclasses.asdict(cfg),
+    index = {"saetool_version": __version__, "config": dataclasses.asdict(cfg),
              "store": {"path": os.path.abspath(store.path), "model": spec.model, "hook_name": run.hook, "n_rows": spec.n_rows,
                        **({} if run.target is None else {"target_hook": run.target})},
              "sweep_param": get_architecture(cfg.architecture).SWEEP_PARAM, "training": training}

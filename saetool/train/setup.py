@@ -16,14 +16,12 @@ import numpy as np
 import torch
 
 from saetool.config import SweepConfig
-from saetool.distributed import Dist, split_evenly
-from saetool.ensemble import SAEEnsemble
-from saetool.io import INDEX_FILE
-from saetool.loader import BatchLoader
-from saetool.recipes import geometric_median, normalization_factor
+from saetool.ensemble import SAEEnsemble, geometric_median, normalization_factor
 from saetool.saes import get_architecture
-from saetool.store import ActivationStore, StoreError
+from saetool.saved import INDEX_FILE
+from saetool.store import ActivationStore, BatchLoader, StoreError
 from saetool.train.checkpoint import Checkpointer
+from saetool.util import Dist, split_evenly
 
 
 @dataclass
@@ -117,7 +115,7 @@ def architecture_options(cfg: SweepConfig) -> dict:
 
 def setup_run(cfg: SweepConfig, dist: Dist, log=print, local: range | None = None) -> SweepRun:
     """Build the run `cfg` describes on this rank. `local` overrides this rank's members with --parallel members
-    (saetool.multihook's cost-balanced shares; may be empty: an idle run). Raises StoreError/ValueError (one line)
+    (saetool.sweep.multihook's cost-balanced shares; may be empty: an idle run). Raises StoreError/ValueError (one line)
     for a missing, incomplete or foreign store, an unknown hook, a ratio giving d_sae 0, fewer members than
     processes with --parallel members, or an output_dir that holds a finished sweep (or an unfinished one without
     --resume)."""

@@ -1,10 +1,10 @@
 """The training step and its choice: fused kernel or autograd, fp32 or bf16, compiled or eager.
 
-- kernel: `fused` (saetool.fused: hand-derived backward, members in groups; standard and topk) or `autograd`
-  (saetool.ensemble.train_step; every architecture, AuxK). `auto` takes the fused kernel where the architecture
+- kernel: `fused` (saetool.ensemble.fused: hand-derived backward, members in groups; standard and topk) or `autograd`
+  (saetool.ensemble.stack.train_step; every architecture, AuxK). `auto` takes the fused kernel where the architecture
   has one and AuxK is off.
 - precision: `fp32`, or `bf16`: the fused kernel's matmuls run on bf16 operands with fp32 accumulation
-  (saetool.fused, compute_dtype), the autograd path under `torch.autocast(bf16)`; master weights, gradients and
+  (saetool.ensemble.fused, compute_dtype), the autograd path under `torch.autocast(bf16)`; master weights, gradients and
   Adam stay fp32 either way. `auto` picks bf16 where bf16 matmuls are faster: CUDA devices that support bf16,
   and CPUs whose measured bf16 `torch.mm` beats fp32 by 1.2x (AVX512-BF16/AMX); every rank must agree, so
   data-parallel ranks pick bf16 only if all of them would.
@@ -25,11 +25,16 @@ from dataclasses import dataclass
 import torch
 
 from saetool.config import SweepConfig
-from saetool.distributed import Dist
-from saetool.ensemble import SAEEnsemble, loss_and_stats, train_step
-from saetool.fused import FUSED_ARCHITECTURES, fused_loss_and_grads
-from saetool.recipes import clip_grad_norm_per_member
-from saetool.saes._common import global_batch
+from saetool.ensemble import (
+    FUSED_ARCHITECTURES,
+    SAEEnsemble,
+    clip_grad_norm_per_member,
+    fused_loss_and_grads,
+    loss_and_stats,
+    train_step,
+)
+from saetool.saes import global_batch
+from saetool.util import Dist
 
 # --compile auto on CPU: compile the fused step for runs of at least this many steps. benchmarks/bench_sweep.py
 # (16 members, ratio 8, d_in 576, batch 4096, 2 cores): the compiled step is 1.19x the eager one (10.6 s vs 12.6 s),

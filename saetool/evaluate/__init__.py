@@ -1,0 +1,16 @@
+"""Evaluation: reconstruction metrics (MSE, FVU, explained variance, L0, dead latents), per-latent statistics,
+and the spliced CE/KL evaluation with the language model."""
+
+from __future__ import annotations
+
+from saetool.evaluate.latent_stats import (
+    DENSE_THRESHOLD,
+    decoder_norm_summary,
+    density_summary,
+    log10_density_histogram,
+    mmcs_matrix,
+)
+from saetool.evaluate.metrics import ReconstructionStats
+from saetool.evaluate.spliced import evaluate_spliced, heldout_contexts
+
+__all__ = ['DENSE_THRESHOLD', 'ReconstructionStats', 'decoder_norm_summary', 'density_summary', 'evaluate_spliced', 'heldout_contexts', 'log10_density_histogram', 'mmcs_matrix']

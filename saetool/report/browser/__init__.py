@@ -1,0 +1,1 @@
+"""The latent browser: the collector that keeps each latent's top activations, its records and its static pages."""

@@ -1,0 +1,21 @@
+"""Saved SAEs: the SAELens folder layout, the sweep index (sweep.json), loading one SAE or a sweep, and interop with
+SAELens and the original tool's files."""
+
+from __future__ import annotations
+
+from saetool.saved.folders import (
+    DTYPES,
+    INDEX_FILE,
+    WEIGHTS_FILE,
+    finish_export,
+    load_sae,
+    member_folder_names,
+    read_index,
+    single_hook_index,
+    start_export,
+    write_json,
+    write_sweep,
+)
+from saetool.saved.sae import SparseLinearAutoencoder
+
+__all__ = ['DTYPES', 'INDEX_FILE', 'WEIGHTS_FILE', 'SparseLinearAutoencoder', 'finish_export', 'load_sae', 'member_folder_names', 'read_index', 'single_hook_index', 'start_export', 'write_json', 'write_sweep']

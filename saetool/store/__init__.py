@@ -1,0 +1,10 @@
+"""The activation store (Zarr v3): layout, stored values, whole-chunk decode, the shuffled batch loader and the
+feed to the training device."""
+
+from __future__ import annotations
+
+from saetool.store.activation_store import ActivationStore, StoreError, StoreSpec
+from saetool.store.loader import BatchLoader, DeviceFeed
+from saetool.store.values import to_store_array
+
+__all__ = ['ActivationStore', 'BatchLoader', 'DeviceFeed', 'StoreError', 'StoreSpec', 'to_store_array']

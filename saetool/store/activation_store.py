@@ -1,0 +1,433 @@
+"""The activation store: one Zarr v3 group per generation run, readable by plain `zarr` and `xarray`.
+
+Layout (schema version 1; docs/store.md is the full reference)::
+
+    <dataset_folder>/                 zarr group, attrs["saetool"] = the run's metadata (see `StoreSpec`)
+        tokens                        int32 [n_contexts, context_size]   the token ids of every stored context
+        mask                          bool  [n_rows]                      False at BOS / separator / padding rows
+        <hook_name>                   float16 | float32 | uint16 [n_rows, d]   one array per hook point
+        commits                       uint8 [n_chunks], chunks of 1       1 once chunk i is fully written
+
+A row is one (context, position) pair; row r belongs to context r // context_size, so the rows of a context
+are contiguous and a chunk of `chunk_size` rows (a multiple of context_size) holds whole contexts.
+bfloat16 activations are stored as their raw bits in uint16 arrays whose attrs say
+``{"saetool_dtype": "bfloat16"}`` (NumPy has no bfloat16; never an unnamed 2-byte void type).
+
+Generation writes every chunk's `tokens` and `mask` first (one writer, rank 0, streaming the text), resizing
+the arrays while it learns how many rows the text fills, then records `tokens_complete`; only then are activations
+written. Commits are explicit: a writer marks chunk i in `commits` only after every hook array's rows of chunk i are
+written, and attrs["saetool"]["complete"] becomes true only when every chunk is committed. `commits` has one
+Zarr chunk per store chunk, so writers of different chunks never touch the same object on disk. An uncommitted
+chunk is simply rewritten whole on resume; resizing deletes every chunk beyond the new shape.
+
+`--keepbits k` rounds every stored value to k mantissa bits (round to nearest, ties to even: the arithmetic of
+numcodecs.BitRound) before compression; the arrays stay plain float16/float32/uint16 that any Zarr reader
+decodes, and `keepbits` is recorded in the spec and in each array's attrs. How values are cast, rounded and checked
+on the way in and out is saetool.store.values.
+
+`ActivationStore.open(path, array=name)` instead reads one 2-D array of any Zarr group (written by another tool)
+through the same read interface (`ZarrArrayRows`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numcodecs.blosc
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import BloscCodec, BloscShuffle, ZstdCodec
+
+from saetool.store.chunks import ChunkReader
+from saetool.store.values import StoreError, check_finite, from_store_array
+
+SCHEMA_VERSION = 1
+COMPRESSIONS = ("blosc-zstd", "zstd", "none")
+
+
+def _no_blosc_threads() -> None:
+    """Blosc's global thread pool does not survive fork(): compress single-threaded (per call context)."""
+    numcodecs.blosc.use_threads = False
+
+
+# zarr >= 3 already sets this at import; saetool does not rely on it, and repeats it in every forked child
+# (DataLoader / multiprocessing workers), where a thread pool inherited from the parent can hang.
+_no_blosc_threads()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_no_blosc_threads)
+
+
+@dataclass
+class StoreSpec:
+    """Everything that defines a store's content; two runs with equal specs produce equal stores.
+
+    Stored as ``attrs["saetool"]`` together with the progress fields (`complete`, `rows_committed`, `summary`).
+    """
+
+    model: str
+    dataset: str
+    hook_names: list[str]
+    widths: dict[str, int]
+    n_rows: int
+    context_size: int
+    chunk_size: int
+    dtype: str = "float16"
+    compression: str = "blosc-zstd"
+    bos_policy: str = ""
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+    keepbits: int | None = None
+
+    @property
+    def n_contexts(self) -> int:
+        return self.n_rows // self.context_size
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.n_rows // self.chunk_size)
+
+    def chunk_rows(self, chunk: int) -> tuple[int, int]:
+        """Row range [start, stop) of store chunk `chunk`; the last chunk may be shorter."""
+        start = chunk * self.chunk_size
+        return start, min(start + self.chunk_size, self.n_rows)
+
+    def to_json(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def settings(self) -> dict:
+        """What defines the content (everything but `n_rows`, which generation learns only as the text is read)."""
+        return {k: v for k, v in self.to_json().items() if k != "n_rows"}
+
+
+def _compressors(name: str) -> list:
+    if name == "blosc-zstd":
+        return [BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.shuffle)]
+    if name == "zstd":
+        return [ZstdCodec(level=3)]
+    if name == "none":
+        return []
+    raise StoreError(f"unknown compression {name!r}; choose one of {', '.join(COMPRESSIONS)}")
+
+
+def _zarr_dtype(dtype: str) -> str:
+    return {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}[dtype]
+
+
+class ActivationStore:
+    """A saetool activation store (see the module docstring for the layout).
+
+    Use `ActivationStore.create_or_resume(path, spec)` to write, `ActivationStore.open(path)` to read.
+    """
+
+    def __init__(self, path: str | os.PathLike, group: zarr.Group):
+        self.path = Path(path)
+        self.group = group
+        self._chunk_readers: dict[str, ChunkReader | None] = {}
+        meta = dict(group.attrs.get("saetool", {}))
+        known = {f.name for f in dataclasses.fields(StoreSpec)}
+        self.spec = StoreSpec(**{k: v for k, v in meta.items() if k in known})
+        self.meta = meta
+
+    # ---- opening -------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | os.PathLike, require_complete: bool = True,
+             array: str | None = None) -> ActivationStore | ZarrArrayRows:
+        """Open an existing store for reading.
+
+        With `array`, return instead a `ZarrArrayRows` over the 2-D array `array` of the Zarr group at `path`
+        (any writer; same read interface, every row kept).
+        Raises StoreError (one line) if `path` does not exist, is not a saetool store, has another schema
+        version, or (with require_complete) was not finished; the message says how to resume.
+        """
+        if array is not None:
+            return ZarrArrayRows(path, array)
+        path = Path(path)
+        if not path.exists():
+            raise StoreError(f"no activation store at {path}: run `saetool generate --dataset_folder {path}` first")
+        try:
+            group = zarr.open_group(str(path), mode="r")
+        except Exception as e:  # noqa: BLE001 - zarr raises several types for foreign folders
+            raise StoreError(f"{path} is not a Zarr store ({type(e).__name__})") from None
+        meta = group.attrs.get("saetool")
+        if not isinstance(meta, dict):
+            raise StoreError(f"{path} is a Zarr group but not a saetool activation store (no 'saetool' attribute)")
+        if meta.get("schema_version") != SCHEMA_VERSION:
+            raise StoreError(
+                f"{path} has store schema version {meta.get('schema_version')}, this saetool reads {SCHEMA_VERSION}"
+            )
+        store = cls(path, group)
+        if require_complete and not meta.get("complete"):
+            done = int(np.asarray(group["commits"][:]).sum())
+            raise StoreError(
+                f"activation store {path} is incomplete ({done}/{store.spec.n_chunks} chunks committed); "
+                "rerun the same generate command to resume it"
+            )
+        return store
+
+    @classmethod
+    def create_or_resume(cls, path: str | os.PathLike, spec: StoreSpec) -> ActivationStore:
+        """Create a new store for `spec`, or reopen a partial one written with the same spec.
+
+        A folder holding anything else (another spec, a foreign Zarr group, other files) is refused with
+        StoreError saying why; nothing in it is modified.
+        """
+        path = Path(path)
+        if path.exists() and any(path.iterdir()):
+            try:
+                group = zarr.open_group(str(path), mode="r+")
+                meta = group.attrs.get("saetool")
+            except Exception:  # noqa: BLE001
+                meta = None
+            if not isinstance(meta, dict):
+                raise StoreError(
+                    f"{path} exists and is not a saetool activation store; choose another --dataset_folder")
+            new = spec.settings()
+            old = {k: meta.get(k) for k in new}
+            if old != new:
+                diff = [k for k, v in new.items() if old.get(k) != v]
+                raise StoreError(
+                    f"{path} holds a store made with different settings ({', '.join(diff)}); "
+                    "use another --dataset_folder or delete it"
+                )
+            for leftover in path.rglob("*.partial"):  # zarr's temporary files of writes killed mid-way
+                leftover.unlink(missing_ok=True)
+            return cls(path, group)
+        # Built in a temporary sibling and renamed into place, so a run killed while creating the arrays leaves
+        # no folder that looks like a store (the rename replaces an empty `path` folder too).
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{path.name}.creating-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = path.parent / f".{path.name}.creating-{os.getpid()}"
+        group = zarr.open_group(str(tmp), mode="w")
+        compressors = _compressors(spec.compression)
+        rows_per_chunk = spec.chunk_size
+        group.create_array(
+            "tokens", shape=(spec.n_contexts, spec.context_size), dtype="int32",
+            chunks=(rows_per_chunk // spec.context_size, spec.context_size), compressors=compressors, fill_value=0,
+            dimension_names=["context", "position"],
+        )
+        group.create_array("mask", shape=(spec.n_rows,), dtype="bool", chunks=(rows_per_chunk,),
+                           compressors=compressors, fill_value=False, dimension_names=["row"])
+        for name in spec.hook_names:
+            group.create_array(
+                name, shape=(spec.n_rows, spec.widths[name]), dtype=_zarr_dtype(spec.dtype),
+                chunks=(rows_per_chunk, spec.widths[name]), compressors=compressors, fill_value=0,
+                dimension_names=["row", f"{name}.dim"],
+                attributes={"saetool_dtype": spec.dtype, "hook_name": name, "keepbits": spec.keepbits},
+            )
+        group.create_array("commits", shape=(spec.n_chunks,), dtype="uint8", chunks=(1,), fill_value=0,
+                           dimension_names=["chunk"])
+        meta = {"schema_version": SCHEMA_VERSION, **spec.to_json(), "complete": False}
+        group.attrs["saetool"] = meta
+        os.replace(tmp, path)
+        return cls(path, zarr.open_group(str(path), mode="r+"))
+
+    # ---- writing -------------------------------------------------------------------------------
+    def committed_chunks(self) -> np.ndarray:
+        """bool [n_chunks]: which chunks are fully written."""
+        return np.asarray(self.group["commits"][:]).astype(bool)
+
+    def write_tokens(self, chunk: int, tokens: np.ndarray, mask: np.ndarray) -> None:
+        """Write the token ids (int [contexts_in_chunk, context_size]) and mask (bool, same shape or flat) of store
+        chunk `chunk`. Generation writes every chunk's tokens before any activation (`mark_tokens_complete`)."""
+        start, stop = self.spec.chunk_rows(chunk)
+        c = self.spec.context_size
+        if tokens.shape != ((stop - start) // c, c) or mask.size != stop - start:
+            raise StoreError(f"chunk {chunk}: expected {stop - start} rows, got tokens {tokens.shape}, mask {mask.shape}")
+        self.group["tokens"][start // c : stop // c] = tokens.astype(np.int32)
+        self.group["mask"][start:stop] = mask.reshape(-1)
+
+    def read_tokens(self, chunk: int) -> np.ndarray:
+        """int32 [contexts_in_chunk, context_size]: the token ids of store chunk `chunk`."""
+        start, stop = self.spec.chunk_rows(chunk)
+        c = self.spec.context_size
+        return np.asarray(self.group["tokens"][start // c : stop // c])
+
+    def set_rows(self, n_rows: int) -> None:
+        """Resize every array to `n_rows` rows (a multiple of context_size) and record it; chunks beyond are deleted.
+
+        Only while the tokens are being written (one writer, no activation committed yet): generation creates the
+        store at the rows asked for (or a capacity that it doubles), then sets the rows the text filled."""
+        spec = dataclasses.replace(self.spec, n_rows=int(n_rows))
+        self.group["tokens"].resize((spec.n_contexts, spec.context_size))
+        self.group["mask"].resize((spec.n_rows,))
+        for name in spec.hook_names:
+            self.group[name].resize((spec.n_rows, spec.widths[name]))
+        self.group["commits"].resize((spec.n_chunks,))
+        self._update_meta(n_rows=spec.n_rows)
+        self.spec = spec
+
+    def mark_tokens_complete(self, packing: dict) -> None:
+        """Record that every chunk's tokens and mask are written (`tokens_complete`) with the packing counters."""
+        self._update_meta(tokens_complete=True, packing=packing)
+
+    @property
+    def tokens_complete(self) -> bool:
+        return bool(self.meta.get("tokens_complete"))
+
+    def _update_meta(self, **kv) -> None:
+        meta = dict(self.group.attrs["saetool"])
+        meta.update(kv)
+        self.group.attrs["saetool"] = meta
+        self.meta = meta
+
+    def write_chunk(self, chunk: int, acts: dict[str, np.ndarray], tokens: np.ndarray | None = None,
+                    mask: np.ndarray | None = None) -> None:
+        """Write the activations of store chunk `chunk` (and its tokens and mask, if given), then commit it.
+
+        acts: {hook_name: array [rows_in_chunk, d]} already cast by `to_store_array`; tokens, mask: as `write_tokens`
+        (generation writes them beforehand and passes neither). The commit marker is written last, so a crash at any
+        point leaves the chunk uncommitted.
+        """
+        if (tokens is None) != (mask is None):
+            raise StoreError(f"chunk {chunk}: pass both tokens and mask, or neither")
+        if tokens is not None:
+            self.write_tokens(chunk, tokens, mask)
+        start, stop = self.spec.chunk_rows(chunk)
+        n = stop - start
+        for name in self.spec.hook_names:
+            a = acts[name]
+            if a.shape != (n, self.spec.widths[name]):
+                raise StoreError(f"chunk {chunk}: {name} has shape {a.shape}, expected {(n, self.spec.widths[name])}")
+            self.group[name][start:stop] = a
+        self.group["commits"][chunk] = 1
+
+    def finalize(self, summary: dict) -> bool:
+        """Mark the store complete if every chunk is committed; returns whether it is complete."""
+        if not self.committed_chunks().all():
+            return False
+        self._update_meta(complete=True, rows_committed=self.spec.n_rows, summary=summary)
+        return True
+
+    # ---- reading -------------------------------------------------------------------------------
+    @property
+    def complete(self) -> bool:
+        return bool(self.meta.get("complete"))
+
+    def width(self, hook_name: str) -> int:
+        return self.spec.widths[self.resolve_hook(hook_name)]
+
+    def resolve_hook(self, hook_name: str | None) -> str:
+        """The hook to read: `hook_name`, or the only hook of a single-hook store. StoreError if ambiguous/absent."""
+        names = self.spec.hook_names
+        if hook_name is None:
+            if len(names) != 1:
+                raise StoreError(f"store {self.path} holds several hooks ({', '.join(names)}); pass --hook_name")
+            return names[0]
+        if hook_name not in names:
+            raise StoreError(f"store {self.path} has no hook {hook_name!r}; it holds {', '.join(names)}")
+        return hook_name
+
+    def read_rows(self, hook_name: str, start: int, stop: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Activations of rows [start, stop) at `hook_name` as a tensor [stop-start, d] of `dtype`. Rows within
+        one chunk are decoded directly (saetool.store.chunks, ~6x zarr's read path); thread-safe.
+        Raises StoreError naming the chunk (and its file) for a chunk that is missing from a complete store, that
+        cannot be decoded, or that holds NaN/inf (`check_finite`)."""
+        cs = self.spec.chunk_size
+        where = f"store {self.path}, hook {hook_name}"
+        if hook_name not in self._chunk_readers:
+            self._chunk_readers[hook_name] = ChunkReader.for_array(self.path / hook_name)
+        reader = self._chunk_readers[hook_name]
+        if reader is not None and self.complete:
+            for c in range(start // cs, -(-stop // cs)):
+                if not reader.exists(c):
+                    raise StoreError(f"{where}: chunk {c} (rows {c * cs}-{min((c + 1) * cs, self.spec.n_rows) - 1}) "
+                                     f"is missing ({reader.file(c)}), though the store says it is complete; "
+                                     "regenerate the store")
+        try:
+            values = None
+            if reader is not None and stop > start and start // cs == (stop - 1) // cs:
+                c = start // cs
+                chunk = reader.read(c)
+                values = None if chunk is None else chunk[start - c * cs : stop - c * cs]
+            if values is None:
+                values = self.group[hook_name][start:stop]
+        except Exception as e:  # noqa: BLE001 - numcodecs and zarr raise RuntimeError, ValueError, ...
+            c = start // cs
+            raise StoreError(f"{where}: rows {start}-{stop - 1} (chunk {c}) cannot be decoded "
+                             f"({type(e).__name__}: {e}); the chunk file is damaged: regenerate the store") from None
+        return check_finite(from_store_array(values, self.spec.dtype), where, start, cs).to(dtype)
+
+    def read_mask(self, start: int, stop: int) -> np.ndarray:
+        """bool [stop-start]: False at BOS / separator / padding rows (never trained on)."""
+        return np.asarray(self.group["mask"][start:stop]).astype(bool)
+
+    def nbytes_stored(self) -> int:
+        """Bytes on disk of the activation arrays (not tokens/mask), chunk files and metadata."""
+        total = 0
+        for name in self.spec.hook_names:
+            for root, _, files in os.walk(self.path / name):
+                total += sum(os.path.getsize(os.path.join(root, f)) for f in files if not f.endswith(".partial"))
+        return total
+
+
+class ZarrArrayRows:
+    """Rows of one 2-D array in any Zarr group (e.g. written by another tool), read like an `ActivationStore`.
+
+    The array is [n_rows, d] float16, float32, or bfloat16 stored as uint16 bits with attrs `saetool_dtype` or
+    `dtype` = "bfloat16". It exposes what the sweep reads: `path`, `spec` (a StoreSpec with n_rows, chunk_size
+    = the array's row chunking, hook_names = [array], widths, dtype; context_size 1 as contexts are unknown),
+    `complete` (True), `resolve_hook`, `width`, `read_rows`, and `read_mask` (every row True: no mask).
+    Raises StoreError (one line) for a missing path, a folder that is not a Zarr group, a missing array (the
+    message lists the arrays there), an array that is not 2-D, or an unsupported dtype.
+    """
+
+    complete = True
+
+    def __init__(self, path: str | os.PathLike, name: str):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise StoreError(f"no Zarr store at {self.path}")
+        try:
+            group = zarr.open_group(str(self.path), mode="r")
+        except Exception as e:  # noqa: BLE001 - zarr raises several types for foreign folders
+            raise StoreError(f"{self.path} is not a Zarr group ({type(e).__name__})") from None
+        try:
+            arr = group[name]
+        except KeyError:
+            arrays = sorted(n for n, _ in group.arrays())
+            held = ", ".join(arrays) or "no arrays"
+            raise StoreError(f"{self.path} has no array {name!r}; it holds {held}") from None
+        if not isinstance(arr, zarr.Array) or arr.ndim != 2:
+            got = getattr(arr, "shape", "a group")
+            raise StoreError(f"{self.path}/{name} must be a 2-D array [rows, d], got {got}")
+        declared = arr.attrs.get("saetool_dtype", arr.attrs.get("dtype"))
+        if arr.dtype in (np.float16, np.float32):
+            logical = str(arr.dtype)
+        elif arr.dtype == np.uint16 and declared == "bfloat16":
+            logical = "bfloat16"
+        else:
+            raise StoreError(f"{self.path}/{name} has dtype {arr.dtype}; expected float16, float32, or uint16 bits "
+                             "with attrs dtype='bfloat16'")
+        self.array, self.meta = arr, {}
+        n, d = arr.shape
+        self.spec = StoreSpec(model=str(arr.attrs.get("model", "")), dataset=str(self.path), hook_names=[name],
+                              widths={name: int(d)}, n_rows=int(n), context_size=1, chunk_size=int(arr.chunks[0]),
+                              dtype=logical, compression="foreign", extra={"array": name})
+
+    def resolve_hook(self, hook_name: str | None) -> str:
+        """The array's name; StoreError if `hook_name` names anything else."""
+        name = self.spec.hook_names[0]
+        if hook_name not in (None, name):
+            raise StoreError(f"{self.path} is read as the single array {name!r}; --hook_name {hook_name!r} is not it")
+        return name
+
+    def width(self, hook_name: str | None = None) -> int:
+        """d, the array's second dimension."""
+        return self.spec.widths[self.resolve_hook(hook_name)]
+
+    def read_rows(self, hook_name: str, start: int, stop: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rows [start, stop) as a tensor [stop-start, d] of `dtype`."""
+        self.resolve_hook(hook_name)
+        rows = from_store_array(self.array[start:stop], self.spec.dtype)
+        return check_finite(rows, f"{self.path}/{self.spec.hook_names[0]}", start, self.spec.chunk_size).to(dtype)
+
+    def read_mask(self, start: int, stop: int) -> np.ndarray:
+        """bool [stop-start], all True: a foreign array has no mask."""
+        return np.ones(max(0, min(stop, self.spec.n_rows) - start), dtype=bool)

@@ -63,7 +63,7 @@ def main() -> None:
         p.error("--tokens must be a multiple of --chunk_size, itself a multiple of --context_size")
 
     import saetool.generate
-    from saetool.config.configs import GenerateConfig
+    from saetool.config import GenerateConfig
     from saetool.generate import run_generate
     from saetool.lm.models import load_model
     from saetool.text.packing import special_token_ids

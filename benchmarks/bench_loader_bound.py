@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from saetool.config.configs import SweepConfig
+from saetool.config import SweepConfig
 from saetool.train.feed import device_batches
 from saetool.train.setup import setup_run
 from saetool.train.step import choose_step

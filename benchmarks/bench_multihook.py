@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from saetool.config.configs import SweepConfig, build
+from saetool.config import SweepConfig, build
 from saetool.saved.folders import read_index
 from saetool.store.activation_store import ActivationStore
 from saetool.sweep.driver import run_sweep

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from saetool.config.configs import SweepConfig, build
+from saetool.config import SweepConfig, build
 from saetool.ensemble.stack import init_member
 from saetool.saved.folders import load_sweep
 from saetool.store.activation_store import ActivationStore

@@ -10,7 +10,7 @@ On CPU use `accelerate launch --config_file configs/accelerate/cpu_2proc.yaml la
 from accelerate import Accelerator
 
 from saetool.cli import run_cli
-from saetool.config.configs import GenerateConfig, build
+from saetool.config import GenerateConfig, build
 from saetool.util.distributed import Dist
 
 

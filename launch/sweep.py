@@ -7,7 +7,7 @@ Accelerate device (cuda:local_rank on GPUs; CPU processes on gloo with `Accelera
 from accelerate import Accelerator
 
 from saetool.cli import run_cli
-from saetool.config.configs import SweepConfig, build
+from saetool.config import SweepConfig, build
 
 
 def main(**flags):

@@ -1,6 +1,6 @@
 """The `saetool` command line (Fire): `saetool generate ...`, `saetool sweep ...`.
 
-Every flag is a field of saetool.config.configs.GenerateConfig / SweepConfig; `saetool generate --help` lists them.
+Every flag is a field of saetool.config.GenerateConfig / SweepConfig; `saetool generate --help` lists them.
 Bad input exits with status 2 and one line on stderr: `saetool: error: <reason>`.
 """
 
@@ -10,7 +10,15 @@ import sys
 
 import fire
 
-from saetool.config import GenerateConfig, SweepConfig, build, help_text
+from saetool.config import (
+    GenerateConfig,
+    NeuronpediaConfig,
+    ReportConfig,
+    SparsifyConfig,
+    SweepConfig,
+    build,
+    help_text,
+)
 
 
 def generate(**flags):
@@ -26,48 +34,35 @@ def sweep(**flags):
 
 
 def report(output_dir=None, **flags):
-    from saetool.report import ReportConfig, run_report
+    from saetool.report import run_report
 
     if output_dir is not None:
         flags["output_dir"] = output_dir
     run_report(build(ReportConfig, flags))
 
 
-EXPORTS = {"neuronpedia": ("saetool.export.neuronpedia", "NeuronpediaConfig", "export_neuronpedia"),
-           "sparsify": ("saetool.export.sparsify", "SparsifyConfig", "export_sparsify")}
+EXPORTS = {"neuronpedia": NeuronpediaConfig, "sparsify": SparsifyConfig}
 
 
 def export(kind=None, output_dir=None, **flags):
-    import importlib
+    from saetool.export import export_neuronpedia, export_sparsify
 
     if kind not in EXPORTS:
         raise ValueError(f"saetool export needs a format: {' or '.join(EXPORTS)} (saetool export FORMAT OUTPUT_DIR)")
-    module, cls, fn = EXPORTS[kind]
-    module = importlib.import_module(module)
     if output_dir is not None:
         flags["output_dir"] = output_dir
-    getattr(module, fn)(build(getattr(module, cls), flags))
+    run = {"neuronpedia": export_neuronpedia, "sparsify": export_sparsify}[kind]
+    run(build(EXPORTS[kind], flags))
 
 
 def _export_help() -> str:
-    import importlib
-
-    parts = []
-    for kind, (module, cls, _) in EXPORTS.items():
-        parts.append(f"saetool export {kind} OUTPUT_DIR:\n" + help_text(getattr(importlib.import_module(module), cls)))
-    return "\n\n".join(parts)
-
-
-def _report_help() -> str:
-    from saetool.report import report_help
-
-    return report_help()
+    return "\n\n".join(f"saetool export {kind} OUTPUT_DIR:\n" + help_text(cls) for kind, cls in EXPORTS.items())
 
 
 generate.__doc__ = "Record activations into a Zarr store.\n\nFlags:\n" + help_text(GenerateConfig)
 sweep.__doc__ = "Train an ensemble sweep of SAEs on a store.\n\nFlags:\n" + help_text(SweepConfig)
 report.__doc__ = ("Evaluate a finished sweep (held-out metrics, spliced CE/KL, densities) and write OUTPUT_DIR/report/"
-                  "index.html.\n\nUsage: saetool report OUTPUT_DIR [flags]\n\nFlags:\n" + _report_help())
+                  "index.html.\n\nUsage: saetool report OUTPUT_DIR [flags]\n\nFlags:\n" + help_text(ReportConfig))
 
 
 export.__doc__ = ("Export a finished sweep: `neuronpedia` writes Neuronpedia's bulk-import layout and SAELens' "

@@ -1,7 +1,7 @@
 """Flag documentation from the config dataclasses: the CLI's --help lines and the README's flag tables.
 
 Each flag's help is the docstring written under its field (GenerateConfig, SweepConfig, ReportConfig and the
-export configs). `python -m saetool.config.flags [README.md]` rewrites the README's tables; tests/cli/test_cli.py checks
+export configs). `python -m saetool.config [README.md]` rewrites the README's tables; tests/cli/test_cli.py checks
 that README.md holds them verbatim.
 """
 
@@ -16,7 +16,9 @@ import sys
 import textwrap
 from functools import cache
 
-from saetool.config.configs import GenerateConfig, SweepConfig
+from saetool.config.generate import GenerateConfig
+from saetool.config.report import NeuronpediaConfig, ReportConfig, SparsifyConfig
+from saetool.config.sweep import SweepConfig
 
 
 @cache
@@ -55,9 +57,6 @@ def markdown_flags(cls) -> str:
 
 def readme_tables() -> list[tuple[type, str]]:
     """(config class, README heading) of every flag table in README.md."""
-    from saetool.export import NeuronpediaConfig, SparsifyConfig
-    from saetool.report import ReportConfig
-
     return [(GenerateConfig, "### `saetool generate` flags"), (SweepConfig, "### `saetool sweep` flags"),
             (ReportConfig, "### `saetool report` flags"), (NeuronpediaConfig, "### `saetool export neuronpedia` flags"),
             (SparsifyConfig, "### `saetool export sparsify` flags")]
@@ -74,5 +73,5 @@ def update_readme_flags(path: str = "README.md") -> None:
     readme.write_text(text)
 
 
-if __name__ == "__main__":  # python -m saetool.config.flags [README.md]
+if __name__ == "__main__":  # python -m saetool.config [README.md]
     update_readme_flags(*sys.argv[1:2])

@@ -49,8 +49,7 @@ from __future__ import annotations
 import torch
 
 from saetool.ensemble.stack import SAEEnsemble
-
-FUSED_ARCHITECTURES = ("standard", "topk")
+from saetool.saes import FUSED_ARCHITECTURES
 
 
 @torch.no_grad()

@@ -4,7 +4,6 @@ and the spliced CE/KL evaluation with the language model."""
 from __future__ import annotations
 
 from saetool.evaluate.latent_stats import (
-    DENSE_THRESHOLD,
     decoder_norm_summary,
     density_summary,
     log10_density_histogram,
@@ -13,4 +12,4 @@ from saetool.evaluate.latent_stats import (
 from saetool.evaluate.metrics import ReconstructionStats
 from saetool.evaluate.spliced import evaluate_spliced, heldout_contexts
 
-__all__ = ['DENSE_THRESHOLD', 'ReconstructionStats', 'decoder_norm_summary', 'density_summary', 'evaluate_spliced', 'heldout_contexts', 'log10_density_histogram', 'mmcs_matrix']
+__all__ = ['ReconstructionStats', 'decoder_norm_summary', 'density_summary', 'evaluate_spliced', 'heldout_contexts', 'log10_density_histogram', 'mmcs_matrix']

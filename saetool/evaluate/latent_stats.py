@@ -23,8 +23,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from saetool.config import DENSE_THRESHOLD
+
 __all__ = [
-    "DENSE_THRESHOLD",
     "decoder_norm_summary",
     "decoder_norms",
     "density_summary",
@@ -33,8 +34,6 @@ __all__ = [
     "mmcs",
     "mmcs_matrix",
 ]
-
-DENSE_THRESHOLD = 0.1
 
 
 def density_summary(firing_frequency: Tensor, dense_threshold: float = DENSE_THRESHOLD) -> dict:

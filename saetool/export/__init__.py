@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from saetool.export.circuit_tracer import write_transcoder_sets
-from saetool.export.neuronpedia import NeuronpediaConfig, export_neuronpedia
-from saetool.export.sparsify import SparsifyConfig, export_sparsify
+from saetool.export.neuronpedia import export_neuronpedia
+from saetool.export.sparsify import export_sparsify
 
-__all__ = ["NeuronpediaConfig", "SparsifyConfig", "export_neuronpedia", "export_sparsify", "write_transcoder_sets"]
+__all__ = ["export_neuronpedia", "export_sparsify", "write_transcoder_sets"]

@@ -29,7 +29,6 @@ from __future__ import annotations
 import gzip
 import json
 import re
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -37,7 +36,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from saetool.config import _default_device, check_device
+from saetool.config import NeuronpediaConfig
 from saetool.saved import finish_export, load_sae, single_hook_index, start_export
 
 __all__ = ["FEATURES_PER_BATCH", "NeuronpediaConfig", "export_neuronpedia", "log_sparsity"]
@@ -46,55 +45,6 @@ FEATURES_PER_BATCH = 128
 SPARSITY_FILE = "sparsity.safetensors"
 
 
-@dataclass
-class NeuronpediaConfig:
-    output_dir: str = "sweep_outputs"
-    """The finished sweep folder (the one holding sweep.json)."""
-    export_dir: str | None = None
-    """Where to write the Neuronpedia layout (default OUTPUT_DIR/export/neuronpedia); an earlier export there is replaced whole, any other non-empty folder (or one holding the sweep or its store) is refused."""
-    dataset_dir: str | None = None
-    """The sweep's activation store; default: the path recorded in sweep.json."""
-    model: str | None = None
-    """Model for token strings and logit effects (default: the store's model)."""
-    model_id: str | None = None
-    """Neuronpedia model id (default: the store's model name in lower case with dashes)."""
-    source_set: str = "saetool"
-    """Prefix of each member's Neuronpedia source set (then the member's folder name)."""
-    creator_name: str = "saetool"
-    """creatorName / creatorNameShort of the release and source sets."""
-    creator_id: str = "saetool"
-    """creatorId of every record (Neuronpedia's importer replaces it with the uploading account's)."""
-    browser_rows: int | None = None
-    """Contexts from the first N rows of the store (training rows) instead of the held-out rows."""
-    browser_top: int = 20
-    """Top-activating contexts per feature."""
-    browser_samples: int = 25
-    """Random firing contexts per feature, in 5 activation-quantile bands."""
-    browser_before: int = 64
-    """Tokens of each context before the position."""
-    browser_after: int = 16
-    """Tokens of each context after the position."""
-    browser_max_latents: int = 1 << 30
-    """Export latents [0, N) of each member."""
-    browser_logits: int = 10
-    """Top and bottom logit tokens per feature (at most 20)."""
-    device: str = field(default_factory=_default_device)
-    """Torch device for the SAEs and the model."""
-
-    def validate(self) -> None:
-        check_device(self.device)
-        if self.browser_rows is not None and self.browser_rows < 1:
-            raise ValueError("--browser_rows must be >= 1 (or None for the held-out rows)")
-        if not 0 <= self.browser_logits <= 20:
-            raise ValueError("--browser_logits must be in 0..20 (Neuronpedia shows at most 20)")
-        for name in ("browser_top", "browser_max_latents"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be >= 1")
-        for name in ("browser_samples", "browser_before", "browser_after"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name} must be >= 0")
-        if not re.fullmatch(r"[A-Za-z0-9\-]+", self.source_set):
-            raise ValueError(f"--source_set {self.source_set!r} may hold only letters, digits and dashes")
 
 
 def _slug(text: str) -> str:

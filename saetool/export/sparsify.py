@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from saetool.config import SparsifyConfig
 from saetool.saved import DTYPES, finish_export, load_sae, single_hook_index, start_export
 
 __all__ = ["SparsifyConfig", "export_sparsify", "sparsify_hookpoint", "sparsify_weights"]
@@ -37,18 +37,6 @@ __all__ = ["SparsifyConfig", "export_sparsify", "sparsify_hookpoint", "sparsify_
 _HOOKPOINTS = {"hook_resid_post": "layers.{}", "hook_mlp_out": "layers.{}.mlp", "hook_attn_out": "layers.{}.self_attn"}
 
 
-@dataclass
-class SparsifyConfig:
-    output_dir: str = "sweep_outputs"
-    """The finished sweep folder (the one holding sweep.json)."""
-    export_dir: str | None = None
-    """Where to write the sparsify folders (default OUTPUT_DIR/export/sparsify); an earlier export there is replaced whole, any other non-empty folder (or one holding the sweep or its store) is refused."""
-    hookpoint: str | None = None
-    """sparsify's module name for the members' hook (default: layers.L for blocks.L.hook_resid_post, see README)."""
-
-    def validate(self) -> None:
-        if self.hookpoint is not None and not re.fullmatch(r"[A-Za-z0-9_.\-]+", self.hookpoint):
-            raise ValueError(f"--hookpoint {self.hookpoint!r} must be a module name such as layers.3")
 
 
 def sparsify_hookpoint(hook_name: str | None) -> str:

@@ -27,14 +27,12 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from saetool.config import _default_device, check_device
+from saetool.config import ReportConfig
 from saetool.evaluate import (
-    DENSE_THRESHOLD,
     ReconstructionStats,
     decoder_norm_summary,
     density_summary,
@@ -44,66 +42,11 @@ from saetool.evaluate import (
 from saetool.report.page import plot_label, write_page
 from saetool.saved import load_sae, single_hook_index, write_json
 
-__all__ = ["REPORT_DIR", "ReportConfig", "evaluate_sweep", "pareto_front", "report_help", "run_report", "write_report"]
+__all__ = ["REPORT_DIR", "ReportConfig", "evaluate_sweep", "pareto_front", "run_report", "write_report"]
 
 REPORT_DIR = "report"
 
 
-@dataclass
-class ReportConfig:
-    output_dir: str = "sweep_outputs"
-    """The finished sweep folder (the one holding sweep.json); the report goes to OUTPUT_DIR/report/."""
-    dataset_dir: str | None = None
-    """The activation store of the sweep; default: the path recorded in sweep.json."""
-    model: str | None = None
-    """Model for the spliced CE/KL evaluation: default the store's model (skipped with a note if it cannot be loaded); "none" skips it."""
-    eval_contexts: int | None = None
-    """Use at most this many held-out contexts in the spliced evaluation (None: all of them)."""
-    batch_size: int = 8
-    """Contexts per model forward in the spliced evaluation."""
-    variants_per_forward: int = 1
-    """Spliced variants (ablations, members) stacked into one model forward (1 = one forward each)."""
-    device: str = field(default_factory=_default_device)
-    """Torch device for the model and the SAEs."""
-    model_dtype: str = "float32"
-    """dtype the model runs in: float32, bfloat16 or float16."""
-    dense_threshold: float = DENSE_THRESHOLD
-    """A latent is dense when it fires on more than this fraction of held-out tokens."""
-    browser: bool = True
-    """Write the feature browser (report/browser/): per member and latent, top contexts, quantile samples, histogram, logit effects."""
-    browser_rows: int | None = None
-    """Browser contexts from the first N rows of the store (training rows, a separate pass) instead of the held-out rows."""
-    browser_top: int = 20
-    """Top-activating positions shown per latent."""
-    browser_samples: int = 25
-    """Random firing positions kept per latent, shown in 5 activation-quantile groups."""
-    browser_before: int = 12
-    """Context tokens shown before each position."""
-    browser_after: int = 4
-    """Context tokens shown after each position."""
-    browser_max_latents: int = 16384
-    """Page budget: latents per member in the browser (a wider member shows its first N, with a note)."""
-    browser_logits: int = 10
-    """Promoted and suppressed tokens per latent (W_dec @ W_U, residual-stream hooks only; 0: none)."""
-
-    def validate(self) -> None:
-        check_device(self.device)
-        if self.batch_size < 1:
-            raise ValueError("--batch_size must be >= 1")
-        if self.variants_per_forward < 1:
-            raise ValueError("--variants_per_forward must be >= 1")
-        if self.eval_contexts is not None and self.eval_contexts < 1:
-            raise ValueError("--eval_contexts must be >= 1 (or None for all)")
-        if not 0 <= self.dense_threshold <= 1:
-            raise ValueError("--dense_threshold must be in [0, 1]")
-        if self.browser_rows is not None and self.browser_rows < 1:
-            raise ValueError("--browser_rows must be >= 1 (or None for the held-out rows)")
-        for name in ("browser_top", "browser_max_latents"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be >= 1")
-        for name in ("browser_samples", "browser_before", "browser_after", "browser_logits"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name} must be >= 0")
 
 
 def pareto_front(x, y) -> list[bool]:
@@ -316,11 +259,3 @@ def run_report(cfg: ReportConfig, model=None, log=print) -> Path:
     page = write_page(folder, ev, labels)
     log(f"report: {page}")
     return page
-
-
-def report_help() -> str:
-    """Flag help of `saetool report` (the field docstrings of ReportConfig)."""
-    from saetool.config import help_text
-
-    return help_text(ReportConfig)
-

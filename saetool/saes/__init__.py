@@ -27,7 +27,18 @@ from saetool.saes import batchtopk, gated, jumprelu, matryoshka_batchtopk, stand
 
 ARCHITECTURES: dict[str, ModuleType] = {m.NAME: m for m in (standard, topk, batchtopk, jumprelu, gated,
                                                              matryoshka_batchtopk)}
+# The architectures the fused kernel trains (each declares FUSED).
+FUSED_ARCHITECTURES = tuple(name for name, arch in ARCHITECTURES.items() if arch.FUSED)
+# The order architectures are named in messages ("applies to standard and gated only").
+_MESSAGE_ORDER = ("standard", "gated", "topk", "batchtopk", "matryoshka_batchtopk", "jumprelu")
 AFFINE_WEIGHTS = {"W_enc": ("d_in", "d_sae"), "W_dec": ("d_sae", "d_out"), "b_enc": ("d_sae",), "b_dec": ("d_out",)}
+
+
+def architecture_flags() -> dict[str, tuple[str, ...]]:
+    """{sweep flag: the architectures it acts on}, from each architecture's FLAGS: a flag set away from its default
+    on any other architecture is refused (saetool.config.SweepConfig.validate)."""
+    flags = dict.fromkeys(flag for name in _MESSAGE_ORDER for flag in ARCHITECTURES[name].FLAGS)
+    return {flag: tuple(n for n in _MESSAGE_ORDER if flag in ARCHITECTURES[n].FLAGS) for flag in flags}
 
 
 def get_architecture(name: str) -> ModuleType:
@@ -72,6 +83,22 @@ from saetool.saes.transcoder import (
     saved_architecture,
 )
 
-__all__ = ["AFFINE_WEIGHTS", "ARCHITECTURES", "SAVED_TRANSCODERS", "check_sweep_flags", "check_transcoder", "decode",
-           "get_architecture", "global_batch", "global_sum", "has_skip", "is_generic", "is_transcoder_cfg",
-           "options_of", "saved_architecture", "weight_shapes"]
+__all__ = [
+    "AFFINE_WEIGHTS",
+    "ARCHITECTURES",
+    "FUSED_ARCHITECTURES",
+    "SAVED_TRANSCODERS",
+    "architecture_flags",
+    "check_sweep_flags",
+    "check_transcoder",
+    "decode",
+    "get_architecture",
+    "global_batch",
+    "global_sum",
+    "has_skip",
+    "is_generic",
+    "is_transcoder_cfg",
+    "options_of",
+    "saved_architecture",
+    "weight_shapes",
+]

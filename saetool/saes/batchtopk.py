@@ -25,6 +25,10 @@ from saetool.saes._common import affine_pre, batch_topk, decode, jump, kept_mini
 
 NAME = "batchtopk"
 SWEEP_PARAM = "k"
+# The sweep flags that act on this architecture beyond the common ones (SweepConfig refuses them elsewhere),
+# and whether the fused kernel (saetool.ensemble.fused) trains it.
+FLAGS = ("k_values", "auxk_coefficient", "threshold_lr", "resample_every", "target_hook")
+FUSED = False
 HYPERPARAMS = ("k",)
 HYPERPARAM_DEFAULTS: dict = {}
 INFERENCE_ARCHITECTURE = "jumprelu"

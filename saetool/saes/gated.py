@@ -25,6 +25,10 @@ from saetool.saes._common import center, decode, mse_per_token, per_member
 
 NAME = "gated"
 SWEEP_PARAM = "l1_coefficient"
+# The sweep flags that act on this architecture beyond the common ones (SweepConfig refuses them elsewhere),
+# and whether the fused kernel (saetool.ensemble.fused) trains it.
+FLAGS = ("l1_values", "l1_value_min", "l1_value_max", "l1_value_n", "l1_warmup_steps")
+FUSED = False
 HYPERPARAMS = ("l1_coefficient",)
 HYPERPARAM_DEFAULTS: dict = {}
 INFERENCE_ARCHITECTURE = NAME

@@ -54,6 +54,10 @@ from saetool.saes._common import affine_pre, decode, global_sum, input_centre, m
 
 NAME = "jumprelu"
 SWEEP_PARAM = "l0_coefficient"
+# The sweep flags that act on this architecture beyond the common ones (SweepConfig refuses them elsewhere),
+# and whether the fused kernel (saetool.ensemble.fused) trains it.
+FLAGS = ("l1_warmup_steps", "l0_values", "jumprelu_bandwidth", "jumprelu_init_threshold", "target_hook")
+FUSED = False
 HYPERPARAMS = ("l0_coefficient", "bandwidth")
 BANDWIDTH = 0.05
 HYPERPARAM_DEFAULTS = {"bandwidth": BANDWIDTH}

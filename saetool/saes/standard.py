@@ -16,6 +16,11 @@ import torch
 
 NAME = "standard"
 SWEEP_PARAM = "l1_coefficient"
+# The sweep flags that act on this architecture beyond the common ones (SweepConfig refuses them elsewhere),
+# and whether the fused kernel (saetool.ensemble.fused) trains it.
+FLAGS = ("l1_values", "l1_value_min", "l1_value_max", "l1_value_n", "l1_warmup_steps", "decoder_norm_l1", "tied",
+         "resample_every", "target_hook")
+FUSED = True
 HYPERPARAMS = ("l1_coefficient",)
 
 

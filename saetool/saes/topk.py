@@ -14,6 +14,10 @@ import torch
 
 NAME = "topk"
 SWEEP_PARAM = "k"
+# The sweep flags that act on this architecture beyond the common ones (SweepConfig refuses them elsewhere),
+# and whether the fused kernel (saetool.ensemble.fused) trains it.
+FLAGS = ("k_values", "auxk_coefficient", "resample_every", "target_hook")
+FUSED = True
 HYPERPARAMS = ("k",)
 
 

@@ -101,16 +101,16 @@ def ensemble_name(flags: dict, i: int) -> str:
 def ensemble_configs(cfg: SweepConfig) -> list[tuple[str, SweepConfig]]:
     """(name, validated config) of every entry of cfg.ensembles, all built before any training, so a bad entry
     fails before the first ensemble trains. A top-level flag that acts on some architectures only
-    (saetool.config.configs.ARCHITECTURE_FLAGS) is passed to the ensembles it acts on, and refused if it acts on none.
+    (saetool.config.ARCHITECTURE_FLAGS) is passed to the ensembles it acts on, and refused if it acts on none.
     Raises ValueError naming the flag (or the repeated ensemble name)."""
-    from saetool.config import ARCHITECTURE_FLAGS, _names, build
+    from saetool.config import ARCHITECTURE_FLAGS, build, join_names
 
     defaults = SweepConfig()
     base = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("ensembles", "config")}
     architectures = [entry.get("architecture", cfg.architecture) for entry in cfg.ensembles]
     for flag, acts_on in ARCHITECTURE_FLAGS.items():
         if base[flag] != getattr(defaults, flag) and not set(architectures) & set(acts_on):
-            raise ValueError(f"--{flag} applies to {_names(acts_on)} only, and no ensemble is one "
+            raise ValueError(f"--{flag} applies to {join_names(acts_on)} only, and no ensemble is one "
                              f"({', '.join(architectures)})")
     out, subs = Path(cfg.output_dir), []
     for i, (entry, arch) in enumerate(zip(cfg.ensembles, architectures, strict=True)):

@@ -52,8 +52,8 @@ def report_run(cfg: SweepConfig, model: str, log=print) -> None:
     if cfg.array is not None:
         log("report skipped: `saetool report` does not read foreign --array stores yet")
         return
-    from saetool.config import build
-    from saetool.report import ReportConfig, run_report
+    from saetool.config import ReportConfig, build
+    from saetool.report import run_report
 
     no_model = cfg.report_contexts == 0 or model == "synthetic"
     run_report(build(ReportConfig, {"output_dir": str(cfg.output_dir), "device": str(cfg.device),

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from saetool.config.configs import GenerateConfig, SweepConfig, build
+from saetool.config import GenerateConfig, SweepConfig, build
 from saetool.config.flags import field_docs
 
 
@@ -99,14 +99,14 @@ def test_help_lists_every_flag_and_exits_0():
 
 
 def test_readme_flag_tables_match_the_config_docstrings():
-    # the README's tables are saetool.config.configs.markdown_flags verbatim: a new or changed flag must update both
+    # the README's tables are saetool.config.markdown_flags verbatim: a new or changed flag must update both
     from pathlib import Path
 
     from saetool.config.flags import markdown_flags, readme_tables
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     for cls, _ in readme_tables():
-        assert markdown_flags(cls) in readme, f"README flag table of {cls.__name__} is stale: python -m saetool.config.flags"
+        assert markdown_flags(cls) in readme, f"README flag table of {cls.__name__} is stale: python -m saetool.config"
 
 
 def test_ctrl_c_is_one_line_with_the_resume_hint(monkeypatch, capsys):
@@ -130,7 +130,7 @@ OFF_DEFAULT = {"l1_values": [1e-3], "l1_value_min": -3.0, "l1_value_max": -1.0, 
 
 
 def test_every_flag_is_refused_on_each_architecture_it_cannot_act_on():
-    from saetool.config.configs import ARCHITECTURE_FLAGS, _names
+    from saetool.config import ARCHITECTURE_FLAGS, join_names
     from saetool.saes import ARCHITECTURES
 
     assert set(OFF_DEFAULT) == set(ARCHITECTURE_FLAGS)
@@ -143,10 +143,10 @@ def test_every_flag_is_refused_on_each_architecture_it_cannot_act_on():
                 continue
             with pytest.raises(ValueError) as e:
                 build(SweepConfig, kwargs)
-            assert str(e.value) == f"--{flag} applies to {_names(acts_on)} only, not --architecture {arch}"
+            assert str(e.value) == f"--{flag} applies to {join_names(acts_on)} only, not --architecture {arch}"
             refused += 1
     assert refused == 62
-    assert _names(("standard",)) == "standard" and _names(("a", "b", "c")) == "a, b and c"
+    assert join_names(("standard",)) == "standard" and join_names(("a", "b", "c")) == "a, b and c"
 
 
 @pytest.mark.parametrize("kwargs,message", [

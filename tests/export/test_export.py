@@ -10,15 +10,15 @@ import torch
 from safetensors.torch import load_file
 
 from saetool.cli import main
-from saetool.config.configs import SweepConfig
+from saetool.config import SweepConfig
 from saetool.export.sparsify import sparsify_hookpoint, sparsify_weights
 from saetool.report.browser.collect import FeatureCollector, encode_pass
 from saetool.saved.folders import load_sweep, read_index
 from saetool.saved.sae import SparseLinearAutoencoder
 from saetool.store.activation_store import ActivationStore
 from saetool.sweep.driver import run_sweep
-from tests.synthetic import write_store
 from tests.report.test_browser_pages import sweep_dir  # noqa: F401 - the tiny-Llama sweep fixture
+from tests.synthetic import write_store
 
 # sparsify's SparseCoderConfig fields (sparsify/config.py) + d_in, as SparseCoder.save_to_disk writes them
 SPARSIFY_CFG = {"activation", "expansion_factor", "normalize_decoder", "num_latents", "k", "multi_topk",
@@ -102,7 +102,8 @@ def read_jsonl_gz(path):
 
 
 def test_export_neuronpedia_fields_and_sparsity(sweep_dir, tiny_model, tmp_path):  # noqa: F811
-    from saetool.export.neuronpedia import NeuronpediaConfig, export_neuronpedia
+    from saetool.config import NeuronpediaConfig
+    from saetool.export.neuronpedia import export_neuronpedia
 
     cfg = NeuronpediaConfig(output_dir=str(sweep_dir), export_dir=str(tmp_path / "np"), browser_top=4,
                             browser_samples=5, browser_before=3, browser_after=1, device="cpu")

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import saetool.generate as gen
-from saetool.config.configs import GenerateConfig
+from saetool.config import GenerateConfig
 from saetool.store.activation_store import ActivationStore, StoreError
 from tests.helpers import WORDS
 

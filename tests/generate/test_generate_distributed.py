@@ -21,7 +21,7 @@ import pytest
 import zarr
 
 import saetool.generate as gen
-from saetool.config.configs import GenerateConfig
+from saetool.config import GenerateConfig
 from saetool.store.activation_store import ActivationStore, StoreError
 from saetool.util.distributed import Dist
 from tests.helpers import WORDS

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import saetool.generate as gen
-from saetool.config.configs import GenerateConfig, SweepConfig
+from saetool.config import GenerateConfig, SweepConfig
 from saetool.report.browser.collect import FeatureCollector, encode_pass
 from saetool.report.sweep_report import write_report
 from saetool.saved.folders import load_sweep, read_index

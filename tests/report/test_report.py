@@ -14,7 +14,7 @@ import torch
 
 import saetool.generate as gen
 from saetool.cli import main
-from saetool.config.configs import GenerateConfig, SweepConfig
+from saetool.config import GenerateConfig, SweepConfig
 from saetool.evaluate.spliced import evaluate_spliced, heldout_contexts
 from saetool.report.sweep_report import pareto_front, write_report
 from saetool.saved.folders import load_sweep, read_index

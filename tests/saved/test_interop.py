@@ -15,7 +15,7 @@ import types
 import pytest
 import torch
 
-from saetool.config.configs import SweepConfig
+from saetool.config import SweepConfig
 from saetool.saved.folders import load_sae, read_index
 from saetool.saved.interop import load_legacy, load_saelens, saelens_cfg
 from saetool.sweep.driver import run_sweep

@@ -114,7 +114,7 @@ def test_a_damaged_index_is_one_line_naming_the_file(tmp_path):
 
 
 def test_the_saved_index_records_the_store_by_absolute_path(tmp_path, monkeypatch):
-    from saetool.config.configs import SweepConfig
+    from saetool.config import SweepConfig
     from saetool.saved.folders import read_index
     from saetool.sweep.driver import run_sweep
     from tests.synthetic import write_store

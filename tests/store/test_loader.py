@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from saetool.config.configs import SweepConfig
+from saetool.config import SweepConfig
 from saetool.saved.folders import load_sweep
 from saetool.store.loader import BatchLoader, DeviceFeed
 from saetool.sweep.driver import run_sweep

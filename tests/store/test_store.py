@@ -284,7 +284,7 @@ def test_foreign_zarr_arrays_read_like_a_store(tmp_path):
 
 
 def test_sweep_trains_on_a_foreign_array(tmp_path):
-    from saetool.config.configs import SweepConfig
+    from saetool.config import SweepConfig
     from saetool.sweep.driver import run_sweep
 
     if "array" not in {f.name for f in __import__("dataclasses").fields(SweepConfig)}:

@@ -10,7 +10,7 @@ import pytest
 import torch
 import zarr
 
-from saetool.config.configs import SweepConfig
+from saetool.config import SweepConfig
 from saetool.store.activation_store import ActivationStore, StoreError
 from saetool.sweep.driver import run_sweep
 from tests.synthetic import write_store

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import saetool.train.finish as finish_mod
 from saetool.cli import main
-from saetool.config.configs import SweepConfig, build
+from saetool.config import SweepConfig, build
 from saetool.saved.folders import read_index
 from saetool.store.activation_store import ActivationStore
 from saetool.sweep.driver import run_sweep

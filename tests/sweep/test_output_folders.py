@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import saetool.saved.folders as io_mod
-from saetool.config.configs import GenerateConfig, SweepConfig
+from saetool.config import GenerateConfig, SweepConfig
 from saetool.generate import run_generate
 from saetool.saved.folders import load_sweep
 from saetool.sweep.driver import run_sweep

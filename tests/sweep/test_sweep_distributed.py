@@ -13,7 +13,7 @@ import torch
 
 import saetool.sweep.driver as sweep_mod
 import saetool.train.step as step_mod
-from saetool.config.configs import SweepConfig
+from saetool.config import SweepConfig
 from saetool.saved.folders import load_sweep, read_index
 from tests.helpers import interrupt_on_call, launch
 from tests.synthetic import write_store

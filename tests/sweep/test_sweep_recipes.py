@@ -10,7 +10,7 @@ import saetool.sweep.driver as sweep_mod
 import saetool.train.logs as logs_mod
 import saetool.train.setup as setup_mod
 import saetool.train.step as step_mod
-from saetool.config.configs import SweepConfig
+from saetool.config import SweepConfig
 from saetool.ensemble.recipes import geometric_median
 from saetool.saved.folders import load_sweep
 from saetool.store.activation_store import ActivationStore
@@ -194,7 +194,7 @@ def test_grad_clip_norm_auto_is_1_over_d_out_for_every_architecture_but_topk():
 
 
 def test_grad_clip_norm_flag_reads_auto_none_and_numbers():
-    from saetool.config.configs import build
+    from saetool.config import build
 
     assert [build(SweepConfig, {"grad_clip_norm": v}).grad_clip_norm for v in ("auto", "None", None, "0", 0.5)] \
         == [None, None, None, 0.0, 0.5]
@@ -205,7 +205,7 @@ def test_grad_clip_norm_flag_reads_auto_none_and_numbers():
 
 
 def test_grad_clip_norm_must_be_finite():
-    from saetool.config.configs import build
+    from saetool.config import build
 
     for v in ("inf", "nan"):
         with pytest.raises(ValueError, match=r"--grad_clip_norm must be a finite number >= 0, or auto"):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from saetool.cli import main
-from saetool.config.configs import SweepConfig, build
+from saetool.config import SweepConfig, build
 from saetool.evaluate.metrics import fvu
 from saetool.saved.folders import load_sae, read_index
 from saetool.store.activation_store import ActivationStore
@@ -121,7 +121,7 @@ def test_generate_mlpin_mlpout_then_transcoder_sweep_with_report_on_the_tiny_mod
     """One `generate` records both hooks; the sweep's report scores each transcoder on the target and splices it in
     place of the MLP output: its numbers are those of evaluate_spliced run directly on the loaded members."""
     import saetool.generate as gen
-    from saetool.config.configs import GenerateConfig
+    from saetool.config import GenerateConfig
     from saetool.evaluate.spliced import evaluate_spliced, heldout_contexts
     from saetool.report.sweep_report import write_report
     from saetool.saved.folders import load_sweep

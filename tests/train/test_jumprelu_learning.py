@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import saetool.train.step as step_mod
-from saetool.config.configs import SweepConfig
+from saetool.config import SweepConfig
 from saetool.ensemble.stack import SAEEnsemble, train_step
 from saetool.saes import jumprelu
 from saetool.saved.folders import load_sweep, read_index

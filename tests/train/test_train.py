@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import saetool.train.step as step_mod
-from saetool.config.configs import SweepConfig
+from saetool.config import SweepConfig
 from saetool.ensemble.stack import SAEEnsemble
 from saetool.saved.folders import load_sweep
 from saetool.sweep.driver import run_sweep

@@ -42,7 +42,7 @@ from saetool.evaluate import (
 from saetool.report.page import plot_label, write_page
 from saetool.saved import load_sae, single_hook_index, write_json
 
-__all__ = ["REPORT_DIR", "ReportConfig", "evaluate_sweep", "pareto_front", "run_report", "write_report"]
+__all__ = ["REPORT_DIR", "evaluate_sweep", "pareto_front", "run_report", "write_report"]
 
 REPORT_DIR = "report"
 

@@ -9,6 +9,7 @@ from saetool.saved.folders import (
     WEIGHTS_FILE,
     finish_export,
     load_sae,
+    load_sweep,
     member_folder_names,
     read_index,
     single_hook_index,
@@ -16,6 +17,7 @@ from saetool.saved.folders import (
     write_json,
     write_sweep,
 )
+from saetool.saved.interop import load_legacy, load_saelens, saelens_cfg
 from saetool.saved.sae import SparseLinearAutoencoder
 
-__all__ = ['DTYPES', 'INDEX_FILE', 'WEIGHTS_FILE', 'SparseLinearAutoencoder', 'finish_export', 'load_sae', 'member_folder_names', 'read_index', 'single_hook_index', 'start_export', 'write_json', 'write_sweep']
+__all__ = ['DTYPES', 'INDEX_FILE', 'WEIGHTS_FILE', 'SparseLinearAutoencoder', 'finish_export', 'load_legacy', 'load_sae', 'load_saelens', 'load_sweep', 'member_folder_names', 'read_index', 'saelens_cfg', 'single_hook_index', 'start_export', 'write_json', 'write_sweep']

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from saetool.saved import member_folder_names
+from saetool.train import wandb_log
 
 LOG_EVERY = 20
 
@@ -36,8 +37,6 @@ class TrainLogger:
         self.dist, self.data_parallel, self.by_members = dist, run.data_parallel, run.by_members
         self.file = self.wandb = None
         if cfg.wandb_project and dist.is_main:
-            from saetool.train import wandb_log
-
             names = member_folder_names(cfg.architecture, [{h: (int if h == "k" else float)(v[i])
                                                             for h, v in run.hyper.items()} for i in range(run.n_members)])
             self.wandb = wandb_log.WandbLogger(names, project=cfg.wandb_project, name=run.out.name,

@@ -8,7 +8,7 @@
 Issue 12 item 4: collecting for 16 members x 4,608 latents over 1M rows must cost at most the held-out
 evaluation pass plus 50%. Both passes run here side by side, on the same store and SAEs, in one process:
 
-* ``eval``: :func:`saetool.report.browser.collect.encode_pass` with the report's ReconstructionStats only (what the
+* ``eval``: :func:`saetool.evaluate.encode_pass` with the report's ReconstructionStats only (what the
   report's held-out metrics cost: read, encode, decode, statistics);
 * ``eval+browser``: the same pass feeding the browser's :class:`FeatureCollector` too (the report's default: one
   encode serves both; top 20, 25 samples, windows 12 + 1 + 4);
@@ -121,8 +121,9 @@ def add_time(total: dict, name: str, wall_cpu: tuple[float, float]) -> None:
 def passes(saes, device: str, batch_rows: int):
     """The two passes over a row range ``span``: ``eval(span)`` and ``both(span)``, each with its own statistics and
     ``both`` with one collector kept across calls."""
+    from saetool.evaluate import encode_pass
     from saetool.evaluate.metrics import ReconstructionStats
-    from saetool.report.browser.collect import FeatureCollector, encode_pass
+    from saetool.report.browser.collect import FeatureCollector
 
     def stats():
         return [ReconstructionStats(1, s.d_in, s.d_sae, device=device) for s in saes]

@@ -11,12 +11,11 @@ from accelerate import Accelerator
 
 from saetool.cli import run_cli
 from saetool.config import GenerateConfig, build
-from saetool.util.distributed import Dist
+from saetool.generate import run_generate
+from saetool.util import Dist
 
 
 def main(**flags):
-    from saetool.generate import run_generate
-
     cfg = build(GenerateConfig, flags)
     acc = Accelerator(cpu=cfg.device == "cpu")
     if "device" not in flags or cfg.device == "cuda":  # one GPU per process: cuda:<local rank>

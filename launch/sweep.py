@@ -1,6 +1,6 @@
 """`accelerate launch launch/sweep.py --ratio 8 ...`: an SAE sweep over one or many processes.
 
-Flags as `saetool sweep`, plus `--parallel data|members` (see saetool/sweep.py). Each process trains on its
+Flags as `saetool sweep`, plus `--parallel data|members` (see saetool/sweep/driver.py). Each process trains on its
 Accelerate device (cuda:local_rank on GPUs; CPU processes on gloo with `Accelerator(cpu=True)`).
 """
 
@@ -8,11 +8,10 @@ from accelerate import Accelerator
 
 from saetool.cli import run_cli
 from saetool.config import SweepConfig, build
+from saetool.sweep import run_sweep, with_config
 
 
 def main(**flags):
-    from saetool.sweep.driver import run_sweep, with_config
-
     cfg = build(SweepConfig, with_config(flags))
     acc = Accelerator(cpu=cfg.device == "cpu")
     cfg.device = str(acc.device)

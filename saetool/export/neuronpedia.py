@@ -133,7 +133,8 @@ def _write_jsonl_gz(path: Path, rows: list[dict]) -> None:
 
 
 def _collect(cfg: NeuronpediaConfig, saes, store, hook: str, eval_tokens: int) -> tuple[list[dict], tuple]:
-    from saetool.report import browser_blocker, collect_results, encode_pass, make_collector
+    from saetool.evaluate import encode_pass
+    from saetool.report import browser_blocker, collect_results, make_collector
 
     why = browser_blocker(store)
     if why is not None:

@@ -27,22 +27,31 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from saetool.config import ReportConfig
+from saetool.config import ReportConfig, build
 from saetool.evaluate import (
-    ReconstructionStats,
+    HeldOut,
     decoder_norm_summary,
     density_summary,
+    evaluate_spliced,
+    heldout_contexts,
+    heldout_rows,
+    heldout_stats,
     log10_density_histogram,
     mmcs_matrix,
 )
+from saetool.lm import load_model
+from saetool.report.browser.build import browser_blocker, make_collector, remove_browser, run_browser
 from saetool.report.page import plot_label, write_page
 from saetool.saved import load_sae, single_hook_index, write_json
+from saetool.store import ActivationStore
 
-__all__ = ["REPORT_DIR", "evaluate_sweep", "pareto_front", "run_report", "write_report"]
+__all__ = ["REPORT_DIR", "SweepEvaluation", "evaluate_sweep", "heldout_collector", "pareto_front", "run_report", "write_report"]
 
 REPORT_DIR = "report"
 
@@ -69,26 +78,39 @@ def pareto_front(x, y) -> list[bool]:
     return out
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# Evaluation
-# ------------------------------------------------------------------------------------------------------------------
+@dataclass
+class SweepEvaluation:
+    """Every number of the report (``to_json()``: evaluation.json) and what the browser reuses.
 
+    Numbers: ``sweep`` (facts about the run), ``baselines`` (clean / zero / mean-ablation CE and KL, or None),
+    ``members`` (one dict per member, index order: name, path, architecture, hyperparameters, ``sweep_value``,
+    ``heldout`` reconstruction metrics, ``density`` summary, ``histogram`` {counts, edges}, ``decoder_norms``
+    {min, mean, max}, ``spliced`` metrics or None, ``pareto_fvu``, ``pareto_ce``), ``mmcs`` (the [M, M] matrix as
+    nested lists; ``[i][j]`` = how well member i covers member j's atoms) and ``dense_threshold``.
+    Reused by the browser (not in the JSON): the ``store`` (or None), the loaded ``saes``, the ``hook``, the
+    held-out ``heldout`` pass (:class:`saetool.evaluate.HeldOut`, whose collector the browser pages are built from;
+    None without held-out rows), the ``model`` (or None) and ``model_tried`` (whether loading it was tried).
+    """
 
-def _heldout_stats(saes, store, hook: str, rows: tuple[int, int], device: str, collector=None,
-                   target: str | None = None) -> list[dict]:
-    """Reconstruction stats of every SAE on the kept rows ``rows`` (transcoders, target: their output hook, scored
-    on their prediction of it); the same encode feeds the browser's collector."""
-    from saetool.report.browser.collect import encode_pass
+    sweep: dict
+    baselines: dict | None
+    members: list[dict]
+    mmcs: list[list[float]]
+    dense_threshold: float
+    store: Any = None
+    saes: list = field(default_factory=list)
+    hook: str | None = None
+    heldout: HeldOut | None = None
+    model: Any = None
+    model_tried: bool = False
 
-    stats = [ReconstructionStats(1, s.d_out, s.d_sae, device=device) for s in saes]
-    encode_pass(saes, store, hook, rows, device, stats=stats, collector=collector, target=target)
-    return [st.compute() if st.n_tokens else None for st in stats]
+    def to_json(self) -> dict:
+        return {"sweep": self.sweep, "baselines": self.baselines, "members": self.members, "mmcs": self.mmcs,
+                "dense_threshold": self.dense_threshold}
 
 
 def _load_model(cfg: ReportConfig, store, log):
     """The model for the spliced evaluation, or None (with a log line) when skipped."""
-    from saetool.lm import load_model
-
     if cfg.model is not None and str(cfg.model).lower() == "none":
         return None
     name = cfg.model if cfg.model is not None else store.spec.model
@@ -105,8 +127,6 @@ def _spliced(cfg: ReportConfig, model, saes, store, hook: str, eval_tokens: int,
     """(per-member spliced metrics, baselines, number of contexts) of the SAEs spliced at `hook` (a transcoder's:
     its output hook) on the held-out contexts. The mean-ablation baseline is the mean of the stored activations over
     the kept positions of exactly these contexts (no extra model pass)."""
-    from saetool.evaluate import evaluate_spliced, heldout_contexts
-
     tokens, mask = heldout_contexts(store, eval_tokens, cfg.eval_contexts)
     c = store.spec.context_size
     first = -(-(store.spec.n_rows - eval_tokens) // c)
@@ -134,52 +154,44 @@ def _member_record(entry: dict, sae, heldout: dict | None, spliced: dict | None,
     return m
 
 
-def evaluate_sweep(cfg: ReportConfig, model=None, log=print, parts: dict | None = None) -> dict:
-    """Compute every number of the report for the sweep in ``cfg.output_dir``.
+def heldout_collector(cfg: ReportConfig, saes, store):
+    """The browser's collector to fill during the held-out pass (saetool.evaluate.encode_pass), or None: with
+    --browser, no --browser_rows and a store whose contexts can be shown."""
+    if not cfg.browser or cfg.browser_rows is not None or store is None or browser_blocker(store) is not None:
+        return None
+    return make_collector(cfg, saes, store, cfg.device)
+
+
+def evaluate_sweep(cfg: ReportConfig, model=None, log=print, heldout: HeldOut | None = None) -> SweepEvaluation:
+    """Compute every number of the report for the sweep in ``cfg.output_dir`` (see :class:`SweepEvaluation`).
 
     Args:
-        cfg: the report settings (see :class:`ReportConfig`).
+        cfg: the report settings (see :class:`saetool.config.ReportConfig`).
         model: an already loaded ``TransformerBridge`` for the spliced evaluation (then ``cfg.model`` is ignored);
             None loads ``cfg.model`` / the store's model.
         log: callable for progress lines.
-        parts: a dict to fill with what was loaded and collected, for the browser: ``store``, ``saes``, ``hook``,
-            ``rows`` (held-out rows or None), ``model`` (or None) and ``collector`` (with ``cfg.browser``, a store
-            with token ids and held-out rows: filled in the same pass as the held-out metrics; else None).
-
-    Returns:
-        A JSON-ready dict: ``sweep`` (facts about the run), ``baselines`` (clean / zero / mean-ablation CE and
-        KL, or None), ``members`` (one dict per member, index order: name, path, architecture, hyperparameters,
-        ``sweep_value``, ``heldout`` reconstruction metrics, ``density`` summary, ``histogram`` {counts, edges},
-        ``decoder_norms`` {min, mean, max}, ``spliced`` metrics or None, ``pareto_fvu``, ``pareto_ce``), and
-        ``mmcs`` (the [M, M] matrix as nested lists; ``[i][j]`` = how well member i covers member j's atoms).
+        heldout: the sweep's held-out pass, already run over its saved members in index order (the sweep driver's,
+            saetool.evaluate.heldout_stats, with the browser's collector of :func:`heldout_collector`); None runs it
+            here. Either way the held-out rows are encoded once.
     """
-    from saetool.store import ActivationStore
-
     out_dir = Path(cfg.output_dir)
     index = single_hook_index(out_dir, "saetool report")
     sweep_param = index.get("sweep_param", "l1_coefficient")
     entries = index["members"]
-    saes = [load_sae(out_dir / e["path"], device=cfg.device, dtype="float32") for e in entries]
+    saes = heldout.saes if heldout is not None else [load_sae(out_dir / e["path"], device=cfg.device, dtype="float32")
+                                                      for e in entries]
     hook = saes[0].cfg.get("hook_name") or index.get("store", {}).get("hook_name")
     target = (saes[0].cfg.get("metadata") or {}).get("hook_name_out") if saes[0].transcoder else None
     eval_tokens = int(index.get("config", {}).get("eval_tokens", 0) or 0)
     store_path = cfg.dataset_dir or index.get("store", {}).get("path")
     array = index.get("config", {}).get("array")
     store = ActivationStore.open(store_path, array=array) if store_path else None
-    collector = None
-    if cfg.browser and cfg.browser_rows is None and store is not None and eval_tokens > 0:
-        from saetool.report.browser.build import browser_blocker, make_collector
-
-        if browser_blocker(store) is None:
-            collector = make_collector(cfg, saes, store, cfg.device)
 
     t0 = time.perf_counter()
-    heldout = [None] * len(saes)
-    rows = None
-    if store is not None and eval_tokens > 0:
-        n = store.spec.n_rows
-        rows = (n - eval_tokens, n)
-        heldout = _heldout_stats(saes, store, hook, rows, cfg.device, collector, target=target)
+    if heldout is None and store is not None and eval_tokens > 0:
+        rows = heldout_rows(store.spec.n_rows, store.spec.context_size, eval_tokens)
+        heldout = heldout_stats(saes, store, hook, rows, cfg.device, heldout_collector(cfg, saes, store), target)
+    stats = heldout.stats if heldout is not None else [None] * len(saes)
     spliced, baselines, n_contexts = [None] * len(saes), None, 0
     tried = model is not None
     if store is not None and eval_tokens > 0 and array is None:
@@ -188,31 +200,26 @@ def evaluate_sweep(cfg: ReportConfig, model=None, log=print, parts: dict | None 
         if model is not None:
             spliced, baselines, n_contexts = _spliced(cfg, model, saes, store, target or hook, eval_tokens, log)
     members = [_member_record(e, sae, h, sp, cfg.dense_threshold)
-               for e, sae, h, sp in zip(entries, saes, heldout, spliced)]
+               for e, sae, h, sp in zip(entries, saes, stats, spliced)]
     l0 = [m["heldout"]["l0"] if m["heldout"] else float("nan") for m in members]
     fvu = [m["heldout"]["fvu"] if m["heldout"] else float("nan") for m in members]
     ce = [m["spliced"]["ce_loss_recovered"] if m["spliced"] else float("nan") for m in members]
     for m, a, b in zip(members, pareto_front(l0, fvu), pareto_front(l0, [-v for v in ce])):
         m["pareto_fvu"], m["pareto_ce"] = a, b
     mmcs = mmcs_matrix([s.W_dec for s in saes]) if len(saes) > 1 else torch.ones(1, 1, dtype=torch.float64)
-    if parts is not None:
-        parts.update(store=store, saes=saes, hook=hook, rows=rows, model=model, model_tried=tried, collector=collector)
     spec = store.spec if store is not None else None
-    return {
-        "sweep": {
-            "output_dir": str(out_dir), "sweep_param": sweep_param, "n_members": len(saes),
-            "hook_name": hook if target is None else f"{hook} -> {target}",
-            "d_in": saes[0].d_in, "d_sae": saes[0].d_sae, "architecture": entries[0]["architecture"],
-            "store": str(store_path) if store_path else None, "model": spec.model if spec else None,
-            "dataset": spec.dataset if spec else None, "heldout_rows": list(rows) if rows else None,
-            "spliced_contexts": n_contexts, "training": index.get("training", {}),
-            "saetool_version": index.get("saetool_version"), "seconds": round(time.perf_counter() - t0, 2),
-        },
-        "baselines": baselines,
-        "members": members,
-        "mmcs": mmcs.tolist(),
-        "dense_threshold": cfg.dense_threshold,
+    rows = heldout.rows if heldout is not None else None
+    facts = {
+        "output_dir": str(out_dir), "sweep_param": sweep_param, "n_members": len(saes),
+        "hook_name": hook if target is None else f"{hook} -> {target}",
+        "d_in": saes[0].d_in, "d_sae": saes[0].d_sae, "architecture": entries[0]["architecture"],
+        "store": str(store_path) if store_path else None, "model": spec.model if spec else None,
+        "dataset": spec.dataset if spec else None, "heldout_rows": list(rows) if rows else None,
+        "spliced_contexts": n_contexts, "training": index.get("training", {}),
+        "saetool_version": index.get("saetool_version"), "seconds": round(time.perf_counter() - t0, 2),
     }
+    return SweepEvaluation(facts, baselines, members, mmcs.tolist(), cfg.dense_threshold, store=store, saes=saes,
+                           hook=hook, heldout=heldout, model=model, model_tried=tried)
 
 
 def write_report(output_dir: str | Path, model=None, log=print, **flags) -> Path:
@@ -229,33 +236,29 @@ def write_report(output_dir: str | Path, model=None, log=print, **flags) -> Path
     Returns:
         The path of ``index.html``.
     """
-    from saetool.config import build
-
     if isinstance(model, str):  # a model name or "none" is the --model flag
         flags["model"], model = model, None
     cfg = build(ReportConfig, {"output_dir": str(output_dir), **flags})
     return run_report(cfg, model=model, log=log)
 
 
-def run_report(cfg: ReportConfig, model=None, log=print) -> Path:
-    """:func:`write_report` for a built :class:`ReportConfig`."""
+def run_report(cfg: ReportConfig, model=None, log=print, heldout: HeldOut | None = None) -> Path:
+    """:func:`write_report` for a built :class:`saetool.config.ReportConfig`; ``heldout`` as in
+    :func:`evaluate_sweep` (the sweep driver passes its held-out pass, so the rows are encoded once)."""
     cfg.validate()
-    parts: dict = {}
-    ev = evaluate_sweep(cfg, model=model, log=log, parts=parts)
+    ev = evaluate_sweep(cfg, model=model, log=log, heldout=heldout)
     folder = Path(cfg.output_dir) / REPORT_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    sp = ev["sweep"]["sweep_param"]
-    members = ev["members"]
-    labels = [plot_label(sp, m["sweep_value"]) for m in members]
-    from saetool.report.browser.build import remove_browser, run_browser
-
-    ev["browser"] = None
+    sp = ev.sweep["sweep_param"]
+    labels = [plot_label(sp, m["sweep_value"]) for m in ev.members]
+    numbers = ev.to_json()
+    numbers["browser"] = None
     if cfg.browser:
-        names = [f"{sp} {v}: {m['name']}" for v, m in zip(labels, members)]
-        ev["browser"] = run_browser(cfg, parts, folder, names, lambda: _load_model(cfg, parts["store"], log), log)
+        names = [f"{sp} {v}: {m['name']}" for v, m in zip(labels, ev.members)]
+        numbers["browser"] = run_browser(cfg, ev, folder, names, lambda: _load_model(cfg, ev.store, log), log)
     else:
         remove_browser(folder)  # a browser of an earlier report would no longer match this one
-    write_json(folder / "evaluation.json", ev)
-    page = write_page(folder, ev, labels)
+    write_json(folder / "evaluation.json", numbers)
+    page = write_page(folder, numbers, labels)
     log(f"report: {page}")
     return page

@@ -163,11 +163,10 @@ def member_folder_names(architecture: str, hyperparams: list[dict]) -> list[str]
     raise ValueError(f"two members have the same hyperparameters: {names}")
 
 
-def write_sweep(out_dir: str | os.PathLike, members: list[tuple[dict, dict, dict]], index: dict) -> None:
-    """Write a sweep folder: members = [(weights, cfg, metrics), ...]; `index` gets a "members" list added.
-
-    Member folders are first written to `saes.tmp/` and swapped in whole, then `sweep.json` last.
-    """
+def write_members(out_dir: str | os.PathLike, members: list[tuple[dict, dict, dict]]) -> list[dict]:
+    """Write the member folders of a sweep: members = [(weights, cfg, metrics), ...] into OUTPUT_DIR/saes/<name>/;
+    returns their index entries (path, architecture, hyperparameters, metrics). The folders are first written to
+    `saes.tmp/` and swapped in whole, so an error (e.g. a full disk) leaves no partial saes/ folder."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / "saes.tmp"
@@ -193,7 +192,14 @@ def write_sweep(out_dir: str | os.PathLike, members: list[tuple[dict, dict, dict
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    write_json(out_dir / INDEX_FILE, {**index, "members": entries})
+    return entries
+
+
+def write_sweep(out_dir: str | os.PathLike, members: list[tuple[dict, dict, dict]], index: dict) -> None:
+    """Write a whole sweep folder: the member folders (write_members), then `sweep.json` (`index` with its "members"
+    list), last and atomically: a folder without it is not a finished sweep."""
+    entries = write_members(out_dir, members)
+    write_json(Path(out_dir) / INDEX_FILE, {**index, "members": entries})
 
 
 def read_index(path: str | os.PathLike) -> dict:

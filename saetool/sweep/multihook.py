@@ -26,31 +26,15 @@ one-process training.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import time
 from pathlib import Path
-
-import torch
 
 from saetool.config import SweepConfig
 from saetool.export import write_transcoder_sets
 from saetool.saved import INDEX_FILE, write_json
-from saetool.store import ActivationStore, BatchLoader, DeviceFeed, StoreError
-from saetool.train import (
-    RunTrainer,
-    SweepRun,
-    Trained,
-    choose_step,
-    describe,
-    finish_run,
-    load_checkpoint,
-    member_hyperparams,
-    read_saved,
-    report_run,
-    setup_run,
-)
-from saetool.util import Dist, __version__, partition_by_cost, split_evenly, writer_lock
+from saetool.store import ActivationStore, StoreError
+from saetool.train import member_hyperparams, read_saved
+from saetool.util import Dist, __version__, partition_by_cost
 
 
 def _split(value: str | None) -> list[str]:
@@ -85,7 +69,7 @@ def hook_pairs(cfg: SweepConfig, store: ActivationStore) -> list[tuple[str, str 
     return list(zip(names, targets, strict=True))
 
 
-def _refuse(cfg: SweepConfig) -> None:
+def refuse_flags(cfg: SweepConfig) -> None:
     """The setting a multi-hook sweep cannot take (one line)."""
     if cfg.array is not None:
         raise ValueError(f"--array names one foreign array; it cannot act on a sweep of several hooks (--hook_name "
@@ -121,49 +105,7 @@ def member_shares(subs: list[SweepConfig], store: ActivationStore, dist: Dist) -
     return shares
 
 
-def _columns(run: SweepRun, hooks: list[str], widths: list[int]) -> torch.Tensor:
-    """The column indices of `run`'s batch ([x_in] or [x_in | x_out]) in the shared batch of `hooks`."""
-    starts = dict(zip(hooks, [sum(widths[:i]) for i in range(len(hooks))], strict=True))
-    cols = [torch.arange(starts[h], starts[h] + widths[hooks.index(h)]) for h in (run.hook, run.target) if h]
-    return torch.cat(cols)
-
-
-def run_multi_hook(cfg: SweepConfig, log=print) -> dict | None:
-    """Train one ensemble per hook (or pair) of `cfg` on the same row batches and save them (see the module
-    docstring); returns OUTPUT_DIR/sweep.json's index on rank 0 (None on other ranks). Every check raises one line
-    before training starts. With --resume, ensembles already saved are read back and the others continue from their
-    checkpoints, each from its own position."""
-    dist, out = Dist.current(), Path(cfg.output_dir)
-    _refuse(cfg)
-    if (out / INDEX_FILE).exists():
-        raise ValueError(f"{out} already holds a finished sweep; choose another --output_dir or delete it")
-    store = ActivationStore.open(cfg.dataset_dir)
-    subs = [dataclasses.replace(cfg, hook_name=h, target_hook=t, output_dir=str(out / h))
-            for h, t in hook_pairs(cfg, store)]
-    for sub in subs:
-        sub.validate()
-    done = _saved_ensembles(cfg, out, subs)
-    with contextlib.ExitStack() as locks:  # no other run may write a hook's folder meanwhile
-        for sub in subs:
-            locks.enter_context(writer_lock(sub.output_dir, "output_dir", dist))
-        shares = member_shares(subs, store, dist)
-        runs = {i: setup_run(sub, dist, log, shares[i]) for i, sub in enumerate(subs) if i not in done}
-        if runs:
-            trained = _train_together(cfg, store, list(runs.values()), dist, log)
-            for (i, run), result in zip(runs.items(), trained, strict=True):
-                done[i] = finish_run(run, result, log, report=False)
-    if not dist.is_main:
-        return None
-    ensembles = [(Path(sub.output_dir), done[i]) for i, sub in enumerate(subs)]
-    index = _write_index(cfg, out, ensembles, log)
-    if cfg.report and cfg.eval_tokens:  # after every ensemble is saved (ranks do not wait on rank 0's reports)
-        for sub in subs:
-            if not (Path(sub.output_dir) / "report" / "index.html").exists():
-                report_run(sub, store.spec.model, log)
-    return index
-
-
-def _saved_ensembles(cfg: SweepConfig, out: Path, subs: list[SweepConfig]) -> dict[int, dict]:
+def saved_ensembles(cfg: SweepConfig, out: Path, subs: list[SweepConfig]) -> dict[int, dict]:
     """{position: index} of the ensembles an interrupted run already saved, kept with --resume (each checked against
     its flags, saetool.train.checkpoint.read_saved). ValueError (one line) without --resume, or when OUTPUT_DIR
     holds ensembles of hooks that --hook_name no longer lists (they would drop out of the index)."""
@@ -180,58 +122,7 @@ def _saved_ensembles(cfg: SweepConfig, out: Path, subs: list[SweepConfig]) -> di
     return {i: read_saved(sub) for i, sub in saved.items()}
 
 
-def _train_together(cfg: SweepConfig, store: ActivationStore, runs: list[SweepRun], dist: Dist, log) -> list[Trained]:
-    """Train `runs` in lockstep on one loader of every hook they need; each run from its own checkpoint position
-    (a resumed run skips the batches it had trained). Returns each run's Trained."""
-    states = [load_checkpoint(run, log) for run in runs]
-    steps = [None if run.idle else choose_step(run.cfg, run.ensemble, run.optimizer, dist, run.data_parallel,
-                                               run.total_steps, precision=(state or {}).get("precision"))
-             for run, state in zip(runs, states)]
-    # only the hooks of the ensembles this rank trains are read (a member-parallel rank skips its idle runs' hooks;
-    # the batches' rows do not depend on which hooks are read)
-    hooks = list(dict.fromkeys(h for run in runs if not run.idle for h in (run.hook, run.target) if h))
-    loader = BatchLoader(store, hooks, cfg.batch_size, runs[0].train_rows, seed=cfg.seed,
-                         shuffle_chunks=cfg.shuffle_chunks)
-    columns = [None if run.idle else _columns(run, hooks, loader.widths).to(cfg.device) for run in runs]
-    for run, step in zip(runs, steps):
-        log(describe(run, step))
-    idle = sum(run.idle for run in runs)
-    log(f"{len(runs)} ensembles on the same batches: each step reads {len(hooks)} hook(s) of the store once"
-        + (f" (this rank holds no member of {idle} ensemble(s) and skips their hooks)" if idle else ""))
-    trainers = [RunTrainer(run, step, state, log) for run, step, state in zip(runs, steps, states)]
-    data_parallel = runs[0].data_parallel
-
-    def shares(batches):  # (the whole host batch, this rank's rows of it for the device)
-        for x in batches:
-            rows = split_evenly(len(x), dist.world_size, dist.rank) if data_parallel else range(len(x))
-            yield x, x[rows.start : rows.stop]
-
-    start = time.perf_counter()
-    try:
-        for epoch in range(min(t.at.epoch for t in trainers), cfg.n_repetitions):
-            active = [(run, t, cols, t.start_epoch(epoch)) for run, t, cols in zip(runs, trainers, columns)
-                      if t.at.epoch <= epoch]
-            first = min(f for *_, f in active)
-            feed = DeviceFeed(shares(loader.epoch(epoch, start_batch=first)), cfg.device)
-            for i, (x, x_dev) in enumerate(feed, start=first):
-                x_dev = x_dev.float()
-                for run, t, cols, f in active:
-                    if i >= f:
-                        resampling = run.cfg.resample_every and not run.idle  # resampling reads the host batch
-                        t.batch(epoch, i, x.index_select(1, cols.cpu()) if resampling else x,
-                                None if run.idle else x_dev.index_select(1, cols) * run.scale)
-            for _, t, _, _ in active:
-                t.end_epoch(epoch)
-        for t in trainers:
-            t.end()
-    finally:
-        for t in trainers:
-            t.close()
-    seconds = time.perf_counter() - start
-    return [t.result(seconds) for t in trainers]
-
-
-def _write_index(cfg: SweepConfig, out: Path, ensembles: list[tuple[Path, dict]], log) -> dict:
+def write_hooks_index(cfg: SweepConfig, out: Path, ensembles: list[tuple[Path, dict]], log) -> dict:
     """OUTPUT_DIR/sweep.json indexing every member of every hook, metrics.md, and transcoder sets."""
     names = [folder.name for folder, _ in ensembles]
     members = [{**m, "path": f"{name}/{m['path']}", "ensemble": name, "hook_name": ix["store"]["hook_name"],

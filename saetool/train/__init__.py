@@ -3,21 +3,22 @@
 - `setup`: the run a config describes: store, hook, train/eval split, members on this rank, the ensemble and
   its initialisation, the optimizer and the batch loader (`SweepRun`).
 - `step`: the step choice (fused kernel or autograd, fp32 or bf16, compiled or eager) and one training step.
-- `feed`: batches from the loader to the training device (this rank's share, fp32, input scale).
-- `loop`: the loop over epochs and batches: schedules, dead latents, resampling, snapshots, checkpoints.
+- `feed`: one loader of every hook the runs need, and each batch to the training device (this rank's share, fp32,
+  each run's columns and input scale).
+- `loop`: `train_runs`, the one loop over epochs and batches for one run or several in lockstep: schedules, dead
+  latents, resampling, snapshots, checkpoints.
 - `checkpoint`: the atomic, resumable checkpoint and the settings it must match.
 - `logs`: the per-step log (train_log.jsonl, progress bar, Weights & Biases).
-- `outputs`: held-out evaluation, the saved sweep folder and its metrics tables.
+- `outputs`: the saved members (snapshots, and the finished run's member folders).
 
-`saetool.sweep.driver.run_sweep` strings them together: setup -> train -> evaluate -> save.
+`saetool.sweep.run_sweep` strings them together: setup_run -> train_runs -> save_members; then, with the training
+state freed, the held-out pass (saetool.evaluate), sweep.json and the report.
 """
 
-from saetool.train.checkpoint import load_checkpoint, read_saved
-from saetool.train.finish import finish_run, report_run
-from saetool.train.loop import RunTrainer, Trained, describe, train
-from saetool.train.outputs import frontier_table
+from saetool.train.checkpoint import read_saved
+from saetool.train.loop import Trained, describe, train_runs
+from saetool.train.outputs import save_members
 from saetool.train.setup import SweepRun, member_hyperparams, setup_run
-from saetool.train.step import choose_step
 
-__all__ = ["RunTrainer", "SweepRun", "Trained", "choose_step", "describe", "finish_run", "frontier_table",
-           "load_checkpoint", "member_hyperparams", "read_saved", "report_run", "setup_run", "train"]
+__all__ = ["SweepRun", "Trained", "describe", "member_hyperparams", "read_saved", "save_members", "setup_run",
+           "train_runs"]

@@ -16,12 +16,12 @@ import torch
 
 from saetool.ensemble import DeadLatentTracker, coefficient_multiplier, lr_multiplier, resample_dead_latents
 from saetool.saes import get_architecture
-from saetool.train.checkpoint import fingerprint
-from saetool.train.feed import device_batches
+from saetool.train.checkpoint import fingerprint, load_checkpoint
+from saetool.train.feed import device_batches, run_batch, shared_loader
 from saetool.train.logs import TrainLogger
 from saetool.train.outputs import save_sweep
 from saetool.train.setup import SweepRun
-from saetool.train.step import Step
+from saetool.train.step import Step, choose_step
 
 
 @dataclass
@@ -60,28 +60,50 @@ def describe(run: SweepRun, step: Step | None) -> str:
             + (f", {step.describe()}" if step else ", no member on this rank"))
 
 
-def train(run: SweepRun, step: Step, state: dict | None, log=print) -> Trained:
-    """Train `run` with `step` from a loaded checkpoint `state` (or from scratch for None)."""
-    trainer = RunTrainer(run, step, state, log)
+def train_runs(runs: list[SweepRun], log=print) -> list[Trained]:
+    """Train `runs` (one ensemble each; one run, or one per hook of a multi-hook sweep) in lockstep on the same row
+    batches (saetool.train.feed), each from its own checkpoint (a resumed run skips the batches it had trained, so a
+    run interrupted between two ensembles' checkpoints resumes each where it was). An idle run (no member on this
+    member-parallel rank) trains nothing but takes part in its run's collectives. Returns each run's Trained."""
+    run0 = runs[0]
+    states = [load_checkpoint(run, log) for run in runs]
+    steps = [None if run.idle else choose_step(run.cfg, run.ensemble, run.optimizer, run.dist, run.data_parallel,
+                                               run.total_steps, precision=(state or {}).get("precision"))
+             for run, state in zip(runs, states)]
+    loader, columns = shared_loader(runs)
+    for run, step in zip(runs, steps):
+        log(describe(run, step))
+    if len(runs) > 1:
+        idle = sum(run.idle for run in runs)
+        log(f"{len(runs)} ensembles on the same batches: each step reads {len(loader.hooks)} hook(s) of the store once"
+            + (f" (this rank holds no member of {idle} ensemble(s) and skips their hooks)" if idle else ""))
+    trainers = [RunTrainer(run, step, state, log) for run, step, state in zip(runs, steps, states)]
     start = time.perf_counter()
-    try:  # the progress bar ends before an error is printed
-        for epoch in range(trainer.at.epoch, run.cfg.n_repetitions):
-            first = trainer.start_epoch(epoch)
-            for i, (x, x_local) in enumerate(device_batches(run, epoch, first), start=first):
-                trainer.batch(epoch, i, x, x_local)
-            trainer.end_epoch(epoch)
-        trainer.end()
+    try:  # the progress bars end before an error is printed
+        for epoch in range(min(t.at.epoch for t in trainers), run0.cfg.n_repetitions):
+            active = [(t, cols, t.start_epoch(epoch)) for t, cols in zip(trainers, columns) if t.at.epoch <= epoch]
+            first = min(f for *_, f in active)
+            batches = device_batches(loader, epoch, first, run0.dist, run0.data_parallel, run0.cfg.device)
+            for i, (x, x_local) in enumerate(batches, start=first):
+                for t, cols, f in active:
+                    if i >= f:
+                        t.batch(epoch, i, *run_batch(t.run, x, x_local, cols))
+            for t, _, _ in active:
+                t.end_epoch(epoch)
+        for t in trainers:
+            t.end()
     finally:
-        trainer.close()
-    return trainer.result(time.perf_counter() - start)
+        for t in trainers:
+            t.close()
+    seconds = time.perf_counter() - start
+    return [t.result(seconds) for t in trainers]
 
 
 class RunTrainer:
     """One run's training, batch by batch: `start_epoch(e)` -> first batch, `batch(e, i, x, x_local)` for each batch,
-    `end_epoch(e)`, `end()`, `close()`, `result(seconds)`. `train` drives one run with it; several runs on the same
-    row batches (saetool.sweep.multihook) drive one RunTrainer each in lockstep. An idle run (no member on this
-    member-parallel rank; step None) trains nothing but takes part in the run's collectives (logs, snapshots,
-    checkpoints) at the same steps as the ranks that train it."""
+    `end_epoch(e)`, `end()`, `close()`, `result(seconds)`. `train_runs` drives one RunTrainer per run in lockstep.
+    An idle run (no member on this member-parallel rank; step None) trains nothing but takes part in the run's
+    collectives (logs, snapshots, checkpoints) at the same steps as the ranks that train it."""
 
     def __init__(self, run: SweepRun, step: Step | None, state: dict | None, log=print):
         cfg = run.cfg
@@ -119,13 +141,13 @@ class RunTrainer:
         self.logger.step(stats, at.steps, at.tokens, len(x), lr)
         chunk = self.snapshots.due(len(x))
         if chunk is not None:
-            save_sweep(run, run.out / "snapshots" / f"epoch_{epoch}_chunk_{chunk}", None, {})
+            save_sweep(run, run.out / "snapshots" / f"epoch_{epoch}_chunk_{chunk}")
         if cfg.checkpoint_every and at.steps % cfg.checkpoint_every == 0:
             _checkpoint(run, self.step, tracker, Position(epoch, i + 1, at.steps, at.tokens))
 
     def end_epoch(self, epoch: int) -> None:
         if epoch < self.run.cfg.n_repetitions - 1:
-            save_sweep(self.run, self.run.out / "snapshots" / f"epoch_{epoch}", None, {})
+            save_sweep(self.run, self.run.out / "snapshots" / f"epoch_{epoch}")
 
     def end(self) -> None:
         cfg, at = self.run.cfg, self.at

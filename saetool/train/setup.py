@@ -17,6 +17,7 @@ import torch
 
 from saetool.config import SweepConfig
 from saetool.ensemble import SAEEnsemble, geometric_median, normalization_factor
+from saetool.evaluate import heldout_rows
 from saetool.saes import get_architecture
 from saetool.saved import INDEX_FILE
 from saetool.store import ActivationStore, BatchLoader, StoreError
@@ -78,14 +79,13 @@ def member_hyperparams(cfg: SweepConfig) -> dict[str, list]:
 
 
 def split_rows(store: ActivationStore, eval_tokens: int) -> tuple[tuple[int, int], tuple[int, int] | None]:
-    """(train_range, eval_range): the last `eval_tokens` rows, rounded up to whole contexts, are held out."""
-    n, ctx = store.spec.n_rows, store.spec.context_size
-    if eval_tokens == 0:
-        return (0, n), None
-    eval_rows = -(-eval_tokens // ctx) * ctx
-    if eval_rows >= n:
-        raise StoreError(f"--eval_tokens {eval_tokens} leaves no training rows in a store of {n} rows")
-    return (0, n - eval_rows), (n - eval_rows, n)
+    """(train_range, eval_range): the last `eval_tokens` rows, rounded up to whole contexts, are held out
+    (saetool.evaluate.heldout_rows). StoreError (one line) if no training row is left."""
+    try:
+        held = heldout_rows(store.spec.n_rows, store.spec.context_size, eval_tokens)
+    except ValueError as e:
+        raise StoreError(str(e)) from None
+    return ((0, store.spec.n_rows), None) if held is None else ((0, held[0]), held)
 
 
 def data_sample(store: ActivationStore, hook: str, rows: tuple[int, int], max_rows: int = 65536) -> torch.Tensor:

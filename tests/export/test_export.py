@@ -11,8 +11,9 @@ from safetensors.torch import load_file
 
 from saetool.cli import main
 from saetool.config import SweepConfig
+from saetool.evaluate import encode_pass
 from saetool.export.sparsify import sparsify_hookpoint, sparsify_weights
-from saetool.report.browser.collect import FeatureCollector, encode_pass
+from saetool.report.browser.collect import FeatureCollector
 from saetool.saved.folders import load_sweep, read_index
 from saetool.saved.sae import SparseLinearAutoencoder
 from saetool.store.activation_store import ActivationStore

@@ -5,11 +5,10 @@ import numpy as np
 import pytest
 import torch
 
+from saetool.evaluate import context_batches, encode_pass
 from saetool.report.browser.collect import (
     HIST_EDGES,
     FeatureCollector,
-    context_batches,
-    encode_pass,
     quantile_groups,
     sample_keys,
 )

@@ -12,7 +12,8 @@ import torch
 
 import saetool.generate as gen
 from saetool.config import GenerateConfig, SweepConfig
-from saetool.report.browser.collect import FeatureCollector, encode_pass
+from saetool.evaluate import encode_pass
+from saetool.report.browser.collect import FeatureCollector
 from saetool.report.sweep_report import write_report
 from saetool.saved.folders import load_sweep, read_index
 from saetool.store.activation_store import ActivationStore

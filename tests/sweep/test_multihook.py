@@ -13,7 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-import saetool.train.finish as finish_mod
+import saetool.sweep.driver as driver_mod
 from saetool.cli import main
 from saetool.config import SweepConfig, build
 from saetool.saved.folders import read_index
@@ -222,12 +222,12 @@ def test_resume_from_checkpoints_at_different_steps_equals_uninterrupted(two_hoo
 
 
 def test_resume_keeps_an_ensemble_already_saved(two_hooks, uninterrupted, tmp_path, monkeypatch, capsys):
-    """Killed while saving the second ensemble: the first is read back, the second is saved from its final
-    checkpoint without training again."""
+    """Killed while finishing the second ensemble (its members saved, no sweep.json yet): the first is read back, the
+    second is saved again from its final checkpoint without training again."""
     out = tmp_path / "all"
     args = ["sweep", "--dataset_dir", str(two_hooks), "--hook_name", "all", "--output_dir", str(out), *FLAGS,
             "--checkpoint_every", "5"]
-    interrupt_on_call(monkeypatch, finish_mod, "save_sweep", 2)
+    interrupt_on_call(monkeypatch, driver_mod, "finish", 2)
     with pytest.raises(SystemExit):  # the CLI turns the interrupt into an exit saying how to resume
         main(args)
     monkeypatch.undo()
@@ -241,9 +241,9 @@ def test_resume_keeps_an_ensemble_already_saved(two_hooks, uninterrupted, tmp_pa
         with pytest.raises(SystemExit):
             main(bad)
         assert re.search(message, capsys.readouterr().err), message
-    saves, real = [], finish_mod.save_sweep
-    monkeypatch.setattr(finish_mod, "save_sweep", lambda run, *a: saves.append((run.hook, a[2]["tokens"])) or
-                        real(run, *a))
+    saves, real = [], driver_mod.save_members
+    monkeypatch.setattr(driver_mod, "save_members", lambda run, training: saves.append((run.hook, training["tokens"]))
+                        or real(run, training))
     main([*args, "--resume", "True"])
     assert saves == [(B, 512)]  # B alone, saved with its 16 steps x 32 rows, trained before the kill
     assert_same_members(out, uninterrupted)

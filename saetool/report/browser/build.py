@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from saetool.evaluate import encode_pass
 from saetool.report.browser.collect import FeatureCollector
 from saetool.report.browser.logits import logit_effects, logit_effects_reason, token_strings
 from saetool.report.browser.pages import write_browser
@@ -106,22 +107,20 @@ def write_blocked_browser(report_dir: Path, why: str) -> Path:
     return write_browser(report_dir, [], {}, [], "no contexts", [f"no feature browser: {why}"])
 
 
-def run_browser(cfg, parts: dict, report_dir: Path, labels: list[str], load_model, log) -> str:
+def run_browser(cfg, ev, report_dir: Path, labels: list[str], load_model, log) -> str:
     """Write ``report_dir/browser/`` for the report (see the module docstring); returns the line index.html shows.
 
     Args:
-        cfg: the :class:`saetool.report.sweep_report.ReportConfig`.
-        parts: what the report's evaluation loaded: ``store``, ``saes``, ``hook``, ``rows`` (held-out rows or None),
-            ``collector`` (filled during the held-out pass, or None), ``model`` (or None) and ``model_tried``
-            (whether loading it was already tried).
+        cfg: the :class:`saetool.config.ReportConfig`.
+        ev: the report's :class:`saetool.report.sweep_report.SweepEvaluation`: its ``store``, ``saes``, ``hook``,
+            ``heldout`` pass (rows and the collector it filled, or None), ``model`` and ``model_tried``.
         labels: one label per member; load_model: a callable returning the model or None (called only when
-            ``parts`` has none); log: progress lines.
+            loading was not tried yet); log: progress lines.
     """
-    from saetool.report.browser.collect import encode_pass
-
-    store, saes, hook = parts["store"], parts["saes"], parts["hook"]
+    store, saes, hook = ev.store, ev.saes, ev.hook
     why = browser_blocker(store)
-    collector, rows = parts.get("collector"), parts.get("rows")
+    collector = ev.heldout.collector if ev.heldout is not None else None
+    rows = ev.heldout.rows if ev.heldout is not None else None
     if why is None and cfg.browser_rows is not None:
         rows = (0, min(int(cfg.browser_rows), store.spec.n_rows))
         collector = make_collector(cfg, saes, store, cfg.device)
@@ -136,7 +135,7 @@ def run_browser(cfg, parts: dict, report_dir: Path, labels: list[str], load_mode
         write_blocked_browser(report_dir, why)
         log(f"report: feature browser without contexts: {why}")
         return f"no contexts: {why}"
-    model = parts.get("model") if parts.get("model_tried") else load_model()
+    model = ev.model if ev.model_tried else load_model()
     results = collect_results(collector, store, len(saes))
     page = write_member_browser(report_dir, cfg, saes, labels, results, hook, model, source, [])
     log(f"report: feature browser {page}")

@@ -34,14 +34,13 @@ the kept windows reference.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["HIST_EDGES", "FeatureCollector", "LatentWindows", "context_batches", "quantile_groups", "sample_keys"]
+__all__ = ["HIST_EDGES", "FeatureCollector", "LatentWindows", "quantile_groups", "sample_keys"]
 
 HIST_EDGES = np.round(np.linspace(-3.0, 3.0, 61), 10)  # log10 activation; 60 bins + under/overflow bins
 _INT64_MAX = torch.iinfo(torch.int64).max
@@ -62,18 +61,6 @@ def sample_keys(rows: Tensor, seed: int = 0) -> Tensor:
     x = ((x ^ (x >> 15)) * 0x846CA68B) & _M32
     x = x ^ (x >> 16)
     return (x << 30) | (rows.to(torch.int64) & ((1 << 30) - 1))
-
-
-def context_batches(start: int, stop: int, context_size: int, batch_rows: int) -> list[tuple[int, int]]:
-    """Split rows ``[start, stop)`` into batches whose inner boundaries fall on context boundaries.
-
-    Boundaries are the multiples of ``batch_rows`` rounded up to whole contexts (``ceil(batch_rows / context_size)
-    * context_size``), so a window never needs rows of another batch except in a context cut by ``start`` or
-    ``stop`` (clipped there). Returns ``[(start, stop), ...]`` covering the range in order.
-    """
-    step = max(1, -(-int(batch_rows) // context_size)) * context_size
-    edges = [start] + list(range((start // step + 1) * step, stop, step)) + [stop]
-    return [(a, b) for a, b in itertools.pairwise(edges) if b > a]
 
 
 @dataclass
@@ -139,7 +126,7 @@ class FeatureCollector:
         Args:
             member: the member's index.
             start: the store row of the batch's first row; a batch must hold rows ``[start, start + len(keep))``
-                whose inner context boundaries are those of :func:`context_batches`.
+                whose inner context boundaries are those of :func:`saetool.evaluate.heldout.context_batches`.
             keep: bool ``[B]``, the store's mask of the batch (False: not encoded).
             f: ``[keep.sum(), d_sae]`` the member's latents at the kept rows, in row order (any float dtype).
         """
@@ -286,26 +273,3 @@ def quantile_groups(values: np.ndarray, rows: np.ndarray, n_groups: int = 5) -> 
     filled = np.nonzero(rows >= 0)[0]
     order = filled[np.lexsort((rows[filled], values[filled]))]
     return [g for g in np.array_split(order, n_groups) if len(g)]
-
-
-@torch.no_grad()
-def encode_pass(saes, store, hook: str, rows: tuple[int, int], device, batch_rows: int = 2048, stats=None,
-                collector: FeatureCollector | None = None, target: str | None = None) -> None:
-    """Read rows ``[rows[0], rows[1])`` of ``store`` once, encode the kept rows with every SAE, and feed the
-    latents to ``stats`` (a list of :class:`saetool.evaluate.metrics.ReconstructionStats`, one per SAE: the held-out
-    evaluation) and/or ``collector`` (a :class:`FeatureCollector` for the browser). Batches follow
-    :func:`context_batches` (``batch_rows`` rows, rounded to whole contexts). Transcoders (``target``: their output
-    hook) are scored on their prediction of the target rows from the input rows."""
-    c = max(1, int(store.spec.context_size))
-    for start, stop in context_batches(rows[0], rows[1], c, batch_rows):
-        keep = torch.from_numpy(store.read_mask(start, stop))
-        if not keep.any():
-            continue
-        x = store.read_rows(hook, start, stop, torch.float32)[keep].to(device)
-        y = x if target is None else store.read_rows(target, start, stop, torch.float32)[keep].to(device)
-        for i, sae in enumerate(saes):
-            f = sae.encode(x)
-            if stats is not None:
-                stats[i].update(y, (sae.decode(f) if target is None else sae(x)).to(x.dtype)[None], f[None])
-            if collector is not None:
-                collector.update(i, start, keep, f)

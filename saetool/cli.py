@@ -19,23 +19,21 @@ from saetool.config import (
     build,
     help_text,
 )
+from saetool.export import export_neuronpedia, export_sparsify
+from saetool.generate import run_generate
+from saetool.report import run_report
+from saetool.sweep import run_sweep, with_config
 
 
 def generate(**flags):
-    from saetool.generate import run_generate
-
     run_generate(build(GenerateConfig, flags))
 
 
 def sweep(**flags):
-    from saetool.sweep import run_sweep, with_config
-
     run_sweep(build(SweepConfig, with_config(flags)))
 
 
 def report(output_dir=None, **flags):
-    from saetool.report import run_report
-
     if output_dir is not None:
         flags["output_dir"] = output_dir
     run_report(build(ReportConfig, flags))
@@ -45,8 +43,6 @@ EXPORTS = {"neuronpedia": NeuronpediaConfig, "sparsify": SparsifyConfig}
 
 
 def export(kind=None, output_dir=None, **flags):
-    from saetool.export import export_neuronpedia, export_sparsify
-
     if kind not in EXPORTS:
         raise ValueError(f"saetool export needs a format: {' or '.join(EXPORTS)} (saetool export FORMAT OUTPUT_DIR)")
     if output_dir is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from saetool.config.parse import check, check_device, default_device, join_names
-from saetool.saes import ARCHITECTURES, FUSED_ARCHITECTURES, architecture_flags
+from saetool.saes import ARCHITECTURES, FUSED_ARCHITECTURES, architecture_flags, check_sweep_flags
 
 
 @dataclass
@@ -173,8 +173,6 @@ class SweepConfig:
         check(self.architecture in ARCHITECTURES, "architecture", f"must be one of {', '.join(ARCHITECTURES)}")
         if self.ensembles is None:  # with ensembles, saetool.sweep.driver.ensemble_configs checks each one
             self._refuse_flags_that_cannot_act()
-            from saetool.saes import check_sweep_flags
-
             check_sweep_flags(self)
         check(self.normalize_activations in ("none", "expected_average_only_in"), "normalize_activations",
                "must be none or expected_average_only_in")

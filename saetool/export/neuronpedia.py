@@ -37,7 +37,19 @@ import torch
 from safetensors.torch import save_file
 
 from saetool.config import NeuronpediaConfig
+from saetool.evaluate import encode_pass
+from saetool.lm import load_model
+from saetool.report import (
+    HIST_EDGES,
+    browser_blocker,
+    collect_results,
+    latent_record,
+    make_collector,
+    member_logits,
+    token_strings,
+)
 from saetool.saved import finish_export, load_sae, single_hook_index, start_export
+from saetool.store import ActivationStore
 
 __all__ = ["FEATURES_PER_BATCH", "NeuronpediaConfig", "export_neuronpedia", "log_sparsity"]
 
@@ -82,8 +94,6 @@ def _records_meta(cfg, model_id: str, source_id: str, set_name: str, store, hook
 
 def _hist_bars(rec: dict) -> tuple[list[float], list[float]]:
     """The latent's activation histogram as Neuronpedia bars: (heights, bin centres in activation units)."""
-    from saetool.report import HIST_EDGES
-
     e = HIST_EDGES
     step = float(e[1] - e[0])
     centres = np.concatenate([[e[0] - step / 2], (e[:-1] + e[1:]) / 2, [e[-1] + step / 2]])
@@ -133,8 +143,6 @@ def _write_jsonl_gz(path: Path, rows: list[dict]) -> None:
 
 
 def _collect(cfg: NeuronpediaConfig, saes, store, hook: str, eval_tokens: int) -> tuple[list[dict], tuple]:
-    from saetool.evaluate import encode_pass
-    from saetool.report import browser_blocker, collect_results, make_collector
 
     why = browser_blocker(store)
     if why is not None:
@@ -163,9 +171,6 @@ def export_neuronpedia(cfg: NeuronpediaConfig, model=None, log=print) -> Path:
         The export folder. Raises ValueError (one line, before anything is written) for an unfinished sweep, a
         store without token ids (foreign ``--array``), no rows to take contexts from, or no loadable model.
     """
-    from saetool.lm import load_model
-    from saetool.report import latent_record, member_logits, token_strings
-    from saetool.store import ActivationStore
 
     out_dir = Path(cfg.output_dir)
     index = single_hook_index(out_dir, "saetool export neuronpedia")

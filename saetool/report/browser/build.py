@@ -10,6 +10,7 @@ as token ids (``#123``) and no logit effects; latents beyond ``browser_max_laten
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ import numpy as np
 from saetool.evaluate import encode_pass
 from saetool.report.browser.collect import FeatureCollector
 from saetool.report.browser.logits import logit_effects, logit_effects_reason, token_strings
-from saetool.report.browser.pages import write_browser
+from saetool.report.browser.pages import BROWSER_DIR, write_browser
 from saetool.report.browser.records import read_window_tokens
 
 __all__ = ["browser_blocker", "collect_results", "make_collector", "write_member_browser"]
@@ -95,10 +96,6 @@ def write_member_browser(report_dir: Path, cfg, saes, labels: list[str], results
 
 def remove_browser(report_dir: Path) -> None:
     """Delete ``report_dir/browser/`` (a report written with ``--browser False``)."""
-    import shutil
-
-    from saetool.report.browser.pages import BROWSER_DIR
-
     shutil.rmtree(Path(report_dir) / BROWSER_DIR, ignore_errors=True)
 
 

@@ -44,7 +44,8 @@ def main() -> None:
                           precision=args.precision, compile=False, report=False)
         cfg.validate()
         run = setup_run(cfg, Dist(), log=lambda *a: None)
-        step = choose_step(cfg, run.ensemble, run.optimizer, run.dist, False, run.total_steps)
+        step = choose_step(cfg.runtime, run.ensemble, run.optimizer, run.dist, False, run.total_steps,
+                           run.grad_clip_norm)
         if args.steps > len(run.loader):
             raise SystemExit(f"--steps {args.steps} is more than the {len(run.loader)} batches of one epoch")
 

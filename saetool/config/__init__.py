@@ -8,8 +8,19 @@ from saetool.config.flags import help_text, markdown_flags
 from saetool.config.generate import GenerateConfig
 from saetool.config.parse import build, check_device, default_device, join_names
 from saetool.config.report import DENSE_THRESHOLD, NeuronpediaConfig, ReportConfig, SparsifyConfig
-from saetool.config.sweep import ARCHITECTURE_FLAGS, AUTO_CLIP_ARCHITECTURES, SweepConfig
+from saetool.config.sweep import (
+    ARCHITECTURE_FLAGS,
+    AUTO_CLIP_ARCHITECTURES,
+    SECTIONS,
+    ArchitectureSection,
+    DataSection,
+    OutputSection,
+    RuntimeSection,
+    SweepConfig,
+    TrainingSection,
+)
 
-__all__ = ["ARCHITECTURE_FLAGS", "AUTO_CLIP_ARCHITECTURES", "DENSE_THRESHOLD", "GenerateConfig", "NeuronpediaConfig",
+__all__ = ["ARCHITECTURE_FLAGS", "AUTO_CLIP_ARCHITECTURES", "DENSE_THRESHOLD", "SECTIONS", "ArchitectureSection",
+           "DataSection", "OutputSection", "RuntimeSection", "TrainingSection", "GenerateConfig", "NeuronpediaConfig",
            "ReportConfig", "SparsifyConfig", "SweepConfig", "build", "check_device", "default_device", "help_text",
            "join_names", "markdown_flags"]

@@ -6,6 +6,7 @@ architecture (saetool.saes: FLAGS, FUSED); a flag that cannot act on the chosen 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from saetool.config.parse import check, check_device, default_device, join_names
@@ -140,6 +141,31 @@ class SweepConfig:
     """Continue from OUTPUT_DIR/checkpoint/ (same settings) to exactly the uninterrupted result."""
 
     @property
+    def data(self) -> DataSection:
+        """The flags of what is read: store, hooks, held-out rows, batches."""
+        return _section(DataSection, self)
+
+    @property
+    def arch(self) -> ArchitectureSection:
+        """The flags of the ensemble's architecture, sweep values and initialisation."""
+        return _section(ArchitectureSection, self)
+
+    @property
+    def training(self) -> TrainingSection:
+        """The flags of the optimisation: learning rate, schedules, clipping, dead latents."""
+        return _section(TrainingSection, self)
+
+    @property
+    def runtime(self) -> RuntimeSection:
+        """The flags of where and how the step runs: device, processes, kernel, precision, checkpoints."""
+        return _section(RuntimeSection, self)
+
+    @property
+    def output(self) -> OutputSection:
+        """The flags of what is written: folders, snapshots, report, logging, --config ensembles."""
+        return _section(OutputSection, self)
+
+    @property
     def step_precision(self) -> str:
         """--precision, with the deprecated --autocast bf16 read as --precision bf16."""
         return "bf16" if self.autocast == "bf16" else self.precision
@@ -231,3 +257,44 @@ AUTO_CLIP_ARCHITECTURES = ("standard", "gated", "batchtopk", "matryoshka_batchto
 # Flags that act on some architectures only: {flag: the architectures it acts on}, from each architecture's FLAGS.
 # SweepConfig.validate refuses one set away from its default on any other architecture (e.g. --k_values with standard).
 ARCHITECTURE_FLAGS = architecture_flags()
+
+
+# The sections of a sweep's flags. The flags stay flat on the command line and in YAML; each layer receives the section
+# it needs (cfg.data, cfg.arch, cfg.training, cfg.runtime, cfg.output: frozen copies). Every field of SweepConfig is in
+# exactly one section (tests/config/test_sections.py).
+SECTIONS = {
+    "data": ("dataset_dir", "hook_name", "target_hook", "array", "eval_tokens", "batch_size", "shuffle_chunks",
+             "seed"),
+    "arch": ("architecture", "ratio", "tied", "skip_connection", "l1_value_min", "l1_value_max", "l1_value_n",
+             "l1_values", "k_values", "l0_values", "jumprelu_bandwidth", "jumprelu_init_threshold",
+             "matryoshka_widths", "threshold_lr", "normalize_activations", "decoder_norm_l1", "auxk_coefficient",
+             "k_aux", "b_dec_init"),
+    "training": ("adam_lr", "n_repetitions", "lr_warmup_steps", "l1_warmup_steps", "lr_decay_steps",
+                 "grad_clip_norm", "dead_window", "resample_every"),
+    "runtime": ("device", "parallel", "kernel", "member_group", "compile", "precision", "autocast",
+                "checkpoint_every", "resume"),
+    "output": ("output_dir", "save_after_every", "report", "report_contexts", "wandb_project", "config", "ensembles"),
+}
+
+
+def _section_class(name: str, doc: str, **namespace):
+    fields = {f.name: f for f in dataclasses.fields(SweepConfig)}
+    cls = dataclasses.make_dataclass(name, [(n, fields[n].type) for n in SECTIONS[_KEYS[name]]], frozen=True,
+                                     namespace=namespace)
+    cls.__doc__ = doc + " Fields: the SweepConfig flags of the same names."
+    cls.__module__ = __name__
+    return cls
+
+
+_KEYS = {"DataSection": "data", "ArchitectureSection": "arch", "TrainingSection": "training",
+         "RuntimeSection": "runtime", "OutputSection": "output"}
+DataSection = _section_class("DataSection", "What a sweep reads: the store, its hooks, the held-out rows, the batches.")
+ArchitectureSection = _section_class("ArchitectureSection", "The ensemble: architecture, width, swept values, init.")
+TrainingSection = _section_class("TrainingSection", "The optimisation: Adam, schedules, clipping, dead latents.")
+RuntimeSection = _section_class("RuntimeSection", "Where and how the step runs: device, processes, kernel, "
+                                "precision, checkpoints.", step_precision=SweepConfig.step_precision)
+OutputSection = _section_class("OutputSection", "What a sweep writes: folders, snapshots, report, logging.")
+
+
+def _section(cls, cfg: SweepConfig):
+    return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})

@@ -25,7 +25,7 @@ def fingerprint(run) -> dict:
     """The settings a checkpoint of `run` (a saetool.train.setup.SweepRun) records and a resumed run must repeat
     (with --parallel members, also the world size and this rank's members, since each rank's file holds its own)."""
     key = {k: v for k, v in dataclasses.asdict(run.cfg).items() if k not in RESUME_FREE}
-    if run.cfg.parallel == "members":
+    if run.runtime.parallel == "members":
         key["world_size"] = run.dist.world_size
         if run.by_members:
             key["members"] = [run.local.start, run.local.stop]
@@ -40,7 +40,7 @@ def differing(saved: dict, now: dict) -> list[str]:
 def load_checkpoint(run, log=print) -> dict | None:
     """The checkpoint `run` resumes from with --resume (None without --resume, or with no checkpoint yet).
     ValueError (one line) if it was made with other settings."""
-    if not run.cfg.resume:
+    if not run.runtime.resume:
         return None
     if not run.checkpointer.exists():
         log(f"--resume: no checkpoint in {run.out}; starting from scratch")

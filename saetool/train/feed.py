@@ -24,17 +24,17 @@ def shared_loader(runs) -> tuple[BatchLoader, list[torch.Tensor | None]]:
     on here, and each run's column indices in its batches (None: all columns in order, or an idle run). Only the hooks
     of runs this rank trains are read (a member-parallel rank skips its idle runs' hooks: the rows walked do not
     depend on the hooks read, saetool.store.loader)."""
-    cfg = runs[0].cfg
+    data, device = runs[0].data, runs[0].runtime.device
     hooks = list(dict.fromkeys(h for run in runs if not run.idle for h in (run.hook, run.target) if h))
-    loader = BatchLoader(runs[0].store, hooks, cfg.batch_size, runs[0].train_rows, seed=cfg.seed,
-                         shuffle_chunks=cfg.shuffle_chunks)
+    loader = BatchLoader(runs[0].store, hooks, data.batch_size, runs[0].train_rows, seed=data.seed,
+                         shuffle_chunks=data.shuffle_chunks)
     starts = dict(zip(hooks, [sum(loader.widths[:i]) for i in range(len(hooks))], strict=True))
     columns = []
     for run in runs:
         own = [] if run.idle else [h for h in (run.hook, run.target) if h]
         cols = [torch.arange(starts[h], starts[h] + loader.widths[hooks.index(h)]) for h in own]
         full = own == hooks
-        columns.append(None if run.idle or full else torch.cat(cols).to(cfg.device))
+        columns.append(None if run.idle or full else torch.cat(cols).to(device))
     return loader, columns
 
 
@@ -60,6 +60,6 @@ def run_batch(run, x: torch.Tensor, x_local: torch.Tensor, columns: torch.Tensor
         return x, None
     if columns is not None:
         x_local = x_local.index_select(1, columns)
-        if run.cfg.resample_every:  # resampling reads the host batch
+        if run.training.resample_every:  # resampling reads the host batch
             x = x.index_select(1, columns.cpu())
     return x, (x_local * run.scale if run.scale != 1.0 else x_local)

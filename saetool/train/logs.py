@@ -33,19 +33,19 @@ class TrainLogger:
     """The log of one run (see the module docstring); `close()` when training ends."""
 
     def __init__(self, run, steps: int, tokens: int, log=print):
-        cfg, dist = run.cfg, run.dist
+        dist = run.dist
         self.dist, self.data_parallel, self.by_members = dist, run.data_parallel, run.by_members
         self.file = self.wandb = None
-        if cfg.wandb_project and dist.is_main:
-            names = member_folder_names(cfg.architecture, [{h: (int if h == "k" else float)(v[i])
+        if run.output.wandb_project and dist.is_main:
+            names = member_folder_names(run.arch.architecture, [{h: (int if h == "k" else float)(v[i])
                                                             for h, v in run.hyper.items()} for i in range(run.n_members)])
-            self.wandb = wandb_log.WandbLogger(names, project=cfg.wandb_project, name=run.out.name,
-                                               config=dataclasses.asdict(cfg), log=log)
+            self.wandb = wandb_log.WandbLogger(names, project=run.output.wandb_project, name=run.out.name,
+                                               config=dataclasses.asdict(run.cfg), log=log)
         if dist.is_main:
             run.out.mkdir(parents=True, exist_ok=True)
             trim_log(run.out / "train_log.jsonl", steps)
             self.file = open(run.out / "train_log.jsonl", "a")  # noqa: SIM115 (open for the run; close() shuts it)
-        self.bar = tqdm(total=run.loader.n_rows * cfg.n_repetitions, initial=tokens, unit="tok", unit_scale=True,
+        self.bar = tqdm(total=run.loader.n_rows * run.training.n_repetitions, initial=tokens, unit="tok", unit_scale=True,
                         desc="sweep", smoothing=0.1, disable=not dist.is_main)
 
     def step(self, stats: dict[str, torch.Tensor] | None, steps: int, tokens: int, n_rows: int, lr: float) -> None:

@@ -44,19 +44,19 @@ class Trained:
 
 def describe(run: SweepRun, step: Step | None) -> str:
     """The one-line summary printed before training (this rank's; step None for an idle run)."""
-    cfg, dist = run.cfg, run.dist
-    param = get_architecture(cfg.architecture).SWEEP_PARAM
+    dist = run.dist
+    param = get_architecture(run.arch.architecture).SWEEP_PARAM
     values = run.hyper[param]
     kind, hooks = "SAEs", f"hook {run.hook}"
     d_in, d_out = run.store.width(run.hook), run.store.width(run.target or run.hook)
     if run.target is not None:
-        kind = "skip transcoders" if cfg.skip_connection else "transcoders"
+        kind = "skip transcoders" if run.arch.skip_connection else "transcoders"
         hooks = f"d_out {d_out}, hooks {run.hook} -> {run.target}"
     members = f", members {run.local.start}..{run.local.stop - 1} here" if run.by_members and not run.idle else ""
-    return (f"sweep: {run.n_members} {cfg.architecture} {kind} ({param} {values[0]:.3g}..{values[-1]:.3g}), "
-            f"d_in {d_in}, d_sae {int(d_in * cfg.ratio)}, {hooks}, {run.loader.n_rows} training "
-            f"rows x {cfg.n_repetitions}, device {cfg.device}, {dist.world_size} process(es)"
-            + (f", parallel {cfg.parallel}" if dist.active else "") + members
+    return (f"sweep: {run.n_members} {run.arch.architecture} {kind} ({param} {values[0]:.3g}..{values[-1]:.3g}), "
+            f"d_in {d_in}, d_sae {int(d_in * run.arch.ratio)}, {hooks}, {run.loader.n_rows} training "
+            f"rows x {run.training.n_repetitions}, device {run.runtime.device}, {dist.world_size} process(es)"
+            + (f", parallel {run.runtime.parallel}" if dist.active else "") + members
             + (f", {step.describe()}" if step else ", no member on this rank"))
 
 
@@ -67,8 +67,8 @@ def train_runs(runs: list[SweepRun], log=print) -> list[Trained]:
     member-parallel rank) trains nothing but takes part in its run's collectives. Returns each run's Trained."""
     run0 = runs[0]
     states = [load_checkpoint(run, log) for run in runs]
-    steps = [None if run.idle else choose_step(run.cfg, run.ensemble, run.optimizer, run.dist, run.data_parallel,
-                                               run.total_steps, precision=(state or {}).get("precision"))
+    steps = [None if run.idle else choose_step(run.runtime, run.ensemble, run.optimizer, run.dist, run.data_parallel,
+                                               run.total_steps, run.grad_clip_norm, (state or {}).get("precision"))
              for run, state in zip(runs, states)]
     loader, columns = shared_loader(runs)
     for run, step in zip(runs, steps):
@@ -80,10 +80,10 @@ def train_runs(runs: list[SweepRun], log=print) -> list[Trained]:
     trainers = [RunTrainer(run, step, state, log) for run, step, state in zip(runs, steps, states)]
     start = time.perf_counter()
     try:  # the progress bars end before an error is printed
-        for epoch in range(min(t.at.epoch for t in trainers), run0.cfg.n_repetitions):
+        for epoch in range(min(t.at.epoch for t in trainers), run0.training.n_repetitions):
             active = [(t, cols, t.start_epoch(epoch)) for t, cols in zip(trainers, columns) if t.at.epoch <= epoch]
             first = min(f for *_, f in active)
-            batches = device_batches(loader, epoch, first, run0.dist, run0.data_parallel, run0.cfg.device)
+            batches = device_batches(loader, epoch, first, run0.dist, run0.data_parallel, run0.runtime.device)
             for i, (x, x_local) in enumerate(batches, start=first):
                 for t, cols, f in active:
                     if i >= f:
@@ -106,31 +106,30 @@ class RunTrainer:
     collectives (logs, snapshots, checkpoints) at the same steps as the ranks that train it."""
 
     def __init__(self, run: SweepRun, step: Step | None, state: dict | None, log=print):
-        cfg = run.cfg
         self.run, self.step, self.log = run, step, log
         self.tracker = None
-        if (cfg.auxk_coefficient or cfg.resample_every) and not run.idle:
-            self.tracker = DeadLatentTracker(len(run.local), run.ensemble.d_sae, cfg.dead_window, cfg.device)
+        if (run.arch.auxk_coefficient or run.training.resample_every) and not run.idle:
+            self.tracker = DeadLatentTracker(len(run.local), run.ensemble.d_sae, run.training.dead_window, run.runtime.device)
         self.at = _restore(run, self.tracker, state)
         self.logger = TrainLogger(run, self.at.steps, self.at.tokens, log)
-        self.restarts = range(cfg.resample_every, run.total_steps, cfg.resample_every) if cfg.resample_every else ()
+        self.restarts = range(run.training.resample_every, run.total_steps, run.training.resample_every) if run.training.resample_every else ()
         self.trained_here = 0
         self.snapshots: _SnapshotClock | None = None
 
     def start_epoch(self, epoch: int) -> int:
         """Begin `epoch`; returns its first batch (a resumed epoch's position, else 0)."""
         first = self.at.batch if epoch == self.at.epoch else 0
-        self.snapshots = _SnapshotClock(self.run.store.spec.chunk_size, self.run.cfg.save_after_every, first,
-                                        self.run.cfg.batch_size)
+        self.snapshots = _SnapshotClock(self.run.store.spec.chunk_size, self.run.output.save_after_every, first,
+                                        self.run.data.batch_size)
         return first
 
     def batch(self, epoch: int, i: int, x: torch.Tensor, x_local: torch.Tensor) -> None:
         """Train on batch i of `epoch`: x the whole batch on the host, x_local this rank's rows on the device."""
-        run, cfg, at, tracker = self.run, self.run.cfg, self.at, self.tracker
+        run, at, tracker = self.run, self.at, self.tracker
         lr = _set_schedules(run, at.steps, self.restarts)
         stats = None
         if not run.idle:
-            dead = tracker.dead if tracker is not None and cfg.auxk_coefficient else None
+            dead = tracker.dead if tracker is not None and run.arch.auxk_coefficient else None
             stats = self.step(x_local, len(x), dead)
             fired = stats.pop("fired")
         at.steps += 1
@@ -142,26 +141,26 @@ class RunTrainer:
         chunk = self.snapshots.due(len(x))
         if chunk is not None:
             save_sweep(run, run.out / "snapshots" / f"epoch_{epoch}_chunk_{chunk}")
-        if cfg.checkpoint_every and at.steps % cfg.checkpoint_every == 0:
+        if run.runtime.checkpoint_every and at.steps % run.runtime.checkpoint_every == 0:
             _checkpoint(run, self.step, tracker, Position(epoch, i + 1, at.steps, at.tokens))
 
     def end_epoch(self, epoch: int) -> None:
-        if epoch < self.run.cfg.n_repetitions - 1:
+        if epoch < self.run.training.n_repetitions - 1:
             save_sweep(self.run, self.run.out / "snapshots" / f"epoch_{epoch}")
 
     def end(self) -> None:
-        cfg, at = self.run.cfg, self.at
-        if cfg.checkpoint_every and self.trained_here and at.steps % cfg.checkpoint_every:
+        run, at = self.run, self.at
+        if run.runtime.checkpoint_every and self.trained_here and at.steps % run.runtime.checkpoint_every:
             # the end of training, so that a save that fails (disk full) resumes without retraining
             _checkpoint(self.run, self.step, self.tracker,
-                        Position(cfg.n_repetitions - 1, len(self.run.loader), at.steps, at.tokens))
+                        Position(run.training.n_repetitions - 1, len(self.run.loader), at.steps, at.tokens))
 
     def close(self) -> None:
         self.logger.close()
 
     def result(self, seconds: float) -> Trained:
         """The summary of the training (sweep.json's "training") after `seconds` of it."""
-        run, cfg, step, at = self.run, self.run.cfg, self.step, self.at
+        run, step, at = self.run, self.step, self.at
         rate = self.trained_here / max(seconds, 1e-9)
         kernel = None if step is None else {"compiled": step.compiled, "kernel": "fused" if step.fused else "autograd",
                                             "precision": step.precision, "grad_clip_norm": step.grad_clip_norm}
@@ -172,7 +171,7 @@ class RunTrainer:
                  f"tokens/s, {rate * run.n_members:.0f} SAE-tokens/s)")
         summary = {"steps": at.steps, "tokens": at.tokens, "seconds_this_run": round(seconds, 2),
                    "tokens_per_s": round(rate, 1), "sae_tokens_per_s": round(rate * run.n_members, 1),
-                   "world_size": run.dist.world_size, "parallel": cfg.parallel if run.dist.active else "none",
+                   "world_size": run.dist.world_size, "parallel": run.runtime.parallel if run.dist.active else "none",
                    **kernel}
         return Trained(summary, self.logger)
 
@@ -222,28 +221,27 @@ def _checkpoint(run: SweepRun, step: Step | None, tracker: DeadLatentTracker | N
 
 def _set_schedules(run: SweepRun, steps: int, restarts) -> float:
     """Set step `steps`'s learning rate (returned) and coefficient warm-up."""
-    cfg, ensemble = run.cfg, run.ensemble
-    lr = cfg.adam_lr * lr_multiplier(steps, cfg.lr_warmup_steps, run.total_steps, cfg.lr_decay_steps, restarts)
+    ensemble = run.ensemble
+    lr = run.training.adam_lr * lr_multiplier(steps, run.training.lr_warmup_steps, run.total_steps, run.training.lr_decay_steps, restarts)
     if run.idle:
         return lr
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     coefficient = next((h for h in ("l1_coefficient", "l0_coefficient") if h in ensemble.hyperparams), None)
-    if coefficient and cfg.l1_warmup_steps:
+    if coefficient and run.training.l1_warmup_steps:
         base = torch.tensor(ensemble.hyperparams[coefficient], dtype=torch.float64)
-        getattr(ensemble, coefficient).copy_(base * coefficient_multiplier(steps, cfg.l1_warmup_steps))
+        getattr(ensemble, coefficient).copy_(base * coefficient_multiplier(steps, run.training.l1_warmup_steps))
     return lr
 
 
 def _track_dead(run: SweepRun, tracker: DeadLatentTracker, fired: torch.Tensor, x: torch.Tensor, steps: int,
                 log) -> None:
     """Advance the dead-latent counters by the global batch x; resample every --resample_every steps."""
-    cfg = run.cfg
     if run.data_parallel:
         fired = run.dist.all_reduce_sum(fired.int()) > 0
     tracker.update_fired(fired, len(x))
-    if cfg.resample_every and steps % cfg.resample_every == 0 and steps < run.total_steps:
-        _resample(run, x.to(cfg.device).float() * run.scale, tracker, steps, log)
+    if run.training.resample_every and steps % run.training.resample_every == 0 and steps < run.total_steps:
+        _resample(run, x.to(run.runtime.device).float() * run.scale, tracker, steps, log)
 
 
 @torch.no_grad()
@@ -258,7 +256,7 @@ def _resample(run: SweepRun, x: torch.Tensor, tracker: DeadLatentTracker, step: 
     x_hat, _ = ensemble(x)  # the training forward (BatchTopK: batch top-k), without its buffer update:
     for n, value in buffers.items():
         getattr(ensemble, n).copy_(value)
-    generators = [torch.Generator().manual_seed(run.cfg.seed * 1_000_003 + step * 65_537 + i) for i in run.local]
+    generators = [torch.Generator().manual_seed(run.data.seed * 1_000_003 + step * 65_537 + i) for i in run.local]
     W_enc = ensemble.W_enc if ensemble.tied else ensemble.W_enc_param
     counts = resample_dead_latents(W_enc, ensemble.W_dec, ensemble.b_enc, dead, x, x_hat, generators,
                                    run.optimizer)

@@ -9,13 +9,21 @@ anything is written.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from saetool.config import SweepConfig
+from saetool.config import (
+    ArchitectureSection,
+    DataSection,
+    OutputSection,
+    RuntimeSection,
+    SweepConfig,
+    TrainingSection,
+)
 from saetool.ensemble import SAEEnsemble, geometric_median, normalization_factor
 from saetool.evaluate import heldout_rows
 from saetool.saes import get_architecture
@@ -51,6 +59,31 @@ class SweepRun:
     scale: float = 1.0
     target: str | None = None
 
+    @functools.cached_property
+    def data(self) -> DataSection:
+        return self.cfg.data
+
+    @functools.cached_property
+    def arch(self) -> ArchitectureSection:
+        return self.cfg.arch
+
+    @functools.cached_property
+    def training(self) -> TrainingSection:
+        return self.cfg.training
+
+    @functools.cached_property
+    def runtime(self) -> RuntimeSection:
+        return self.cfg.runtime
+
+    @functools.cached_property
+    def output(self) -> OutputSection:
+        return self.cfg.output
+
+    @property
+    def grad_clip_norm(self) -> float:
+        """--grad_clip_norm resolved for this run's reconstructed width (SweepConfig.clip_norm)."""
+        return self.cfg.clip_norm(self.store.width(self.target or self.hook))
+
     @property
     def n_members(self) -> int:
         return len(next(iter(self.hyper.values())))
@@ -61,7 +94,7 @@ class SweepRun:
 
     @property
     def total_steps(self) -> int:
-        return len(self.loader) * self.cfg.n_repetitions
+        return len(self.loader) * self.training.n_repetitions
 
 
 def member_hyperparams(cfg: SweepConfig) -> dict[str, list]:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from saetool.config import SweepConfig
+from saetool.config import RuntimeSection
 from saetool.ensemble import (
     FUSED_ARCHITECTURES,
     SAEEnsemble,
@@ -159,22 +159,23 @@ class Step:
                               member_group=0 if self.data_parallel else self.group, target=target)
 
 
-def choose_step(cfg: SweepConfig, ensemble: SAEEnsemble, optimizer: torch.optim.Optimizer, dist: Dist,
-                data_parallel: bool, total_steps: int, precision: str | None = None) -> Step:
-    """The step `cfg` asks for (see the module docstring). `precision` overrides --precision with an already
-    resolved "fp32"/"bf16" (a resumed run keeps the one its checkpoint was trained with).
-    (SweepConfig.validate refuses --kernel fused where it cannot run.)"""
-    fused = cfg.kernel == "fused" or (cfg.kernel == "auto" and cfg.architecture in FUSED_ARCHITECTURES
-                                      and not cfg.auxk_coefficient)
-    device_type = torch.device(cfg.device).type
-    precision = precision or resolve_precision(cfg.step_precision, cfg.device, dist)
-    use_compile = cfg.compile
+def choose_step(runtime: RuntimeSection, ensemble: SAEEnsemble, optimizer: torch.optim.Optimizer, dist: Dist,
+                data_parallel: bool, total_steps: int, grad_clip_norm: float, precision: str | None = None) -> Step:
+    """The step the runtime flags ask for (see the module docstring) for `ensemble` (its architecture and AuxK decide
+    whether the fused kernel can run). `precision` overrides --precision with an already resolved "fp32"/"bf16" (a
+    resumed run keeps the one its checkpoint was trained with). (SweepConfig.validate refuses --kernel fused where it
+    cannot run.)"""
+    fused = runtime.kernel == "fused" or (runtime.kernel == "auto" and ensemble.architecture in FUSED_ARCHITECTURES
+                                          and not ensemble.auxk_coefficient)
+    device_type = torch.device(runtime.device).type
+    precision = precision or resolve_precision(runtime.step_precision, runtime.device, dist)
+    use_compile = runtime.compile
     if use_compile is None:
         use_compile = device_type == "cuda" or (fused and total_steps >= CPU_COMPILE_MIN_STEPS)
-    group = cfg.member_group or (ensemble.n_members if device_type == "cuda" else 4)
+    group = runtime.member_group or (ensemble.n_members if device_type == "cuda" else 4)
     model = ensemble
     if data_parallel and not fused:  # the fused kernel sums its gradients over ranks itself
         model = torch.nn.parallel.DistributedDataParallel(ensemble, broadcast_buffers=False)
     fn = fused_step_fn(use_compile, precision) if fused else autograd_step_fn(use_compile, precision, device_type)
     return Step(ensemble, optimizer, dist, data_parallel, fused, precision, use_compile, group,
-                cfg.clip_norm(ensemble.d_out), fn, model)
+                grad_clip_norm, fn, model)

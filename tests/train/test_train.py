@@ -46,7 +46,8 @@ def step_for(total_steps=10, **kw):
     hyper = member_hyperparams(cfg)
     ens = SAEEnsemble(cfg.architecture, 4, 256, hyper, seeds=list(range(len(next(iter(hyper.values()))))),
                       auxk_coefficient=cfg.auxk_coefficient)
-    return choose_step(cfg, ens, torch.optim.Adam(ens.parameters()), Dist(), False, total_steps)
+    return choose_step(cfg.runtime, ens, torch.optim.Adam(ens.parameters()), Dist(), False, total_steps,
+                       cfg.clip_norm(ens.d_out))
 
 
 @pytest.mark.parametrize("flags,fused,precision,compiled,group", [
@@ -147,6 +148,6 @@ def test_a_checkpoint_of_fewer_processes_is_refused_naming_why(tmp_path):
     Checkpointer(tmp_path, Dist(), shard_by_rank=True).save({"fingerprint": {"ratio": 4}}, 3)  # rank0.pt only
     rank1 = Checkpointer(tmp_path, Dist(1, 2), shard_by_rank=True)
     assert rank1.load() is None
-    run = SimpleNamespace(cfg=SimpleNamespace(resume=True), checkpointer=rank1, dist=Dist(1, 2), out=tmp_path)
+    run = SimpleNamespace(runtime=SimpleNamespace(resume=True), checkpointer=rank1, dist=Dist(1, 2), out=tmp_path)
     with pytest.raises(ValueError, match="holds no file for rank 1: it was made by another number of processes"):
         load_checkpoint(run)

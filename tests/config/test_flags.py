@@ -38,3 +38,8 @@ def test_python_m_saetool_config_writes_the_page(tmp_path):
     assert r.returncode == 0, r.stderr
     assert out.read_text() == flags_page()
 
+
+def test_the_readme_links_to_the_flags_page_instead_of_holding_tables():
+    readme = (ROOT / "README.md").read_text()
+    assert "docs/flags.md" in readme
+    assert "| flag | default | meaning |" not in readme

@@ -1,4 +1,5 @@
-# saetool: `make demo` (the main job on the embedded model and text) and `make test` (the suite), on a fresh machine.
+# saetool: `make demo` (the main job on the embedded model and text), `make test` (the suite) and `make docs` (the
+# documentation site, into site/), on a fresh machine.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -7,7 +8,7 @@ DEMO   := runs/demo
 # multi-GB CUDA build. The package itself asks only for torch>=2.4, so GPU users keep their CUDA build.
 TORCH_CPU := torch==2.13.0
 
-.PHONY: install dev demo test clean
+.PHONY: install dev demo test docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +23,10 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 $(VENV)/.installed-dev: $(VENV)/.installed
 	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+$(VENV)/.installed-docs: $(VENV)/.installed
+	$(BIN)/pip install -q -e ".[docs]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -39,5 +44,9 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest tests
 
+# The site from docs/ and mkdocs.yml (API reference by mkdocstrings); --strict: a broken link or warning fails.
+docs: $(VENV)/.installed-docs
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d site
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs site

@@ -1,7 +1,8 @@
-"""`python -m saetool.config [README.md]`: rewrite the flag tables from the config docstrings."""
+"""`python -m saetool.config [docs/flags.md]`: write the flags page from the config docstrings (run it from the
+repository root after changing a flag; tests/config/test_flags.py checks the page)."""
 
 import sys
 
-from saetool.config.flags import update_readme_flags
+from saetool.config.flags import write_flags_page
 
-update_readme_flags(*sys.argv[1:2])
+write_flags_page(*sys.argv[1:2])

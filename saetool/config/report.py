@@ -127,7 +127,7 @@ class SparsifyConfig:
     export_dir: str | None = None
     """Where to write the sparsify folders (default OUTPUT_DIR/export/sparsify); an earlier export there is replaced whole, any other non-empty folder (or one holding the sweep or its store) is refused."""
     hookpoint: str | None = None
-    """sparsify's module name for the members' hook (default: layers.L for blocks.L.hook_resid_post, see README)."""
+    """sparsify's module name for the members' hook (default: layers.L for blocks.L.hook_resid_post, see docs/exports.md)."""
 
     def validate(self) -> None:
         if self.hookpoint is not None and not re.fullmatch(r"[A-Za-z0-9_.\-]+", self.hookpoint):

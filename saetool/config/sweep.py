@@ -71,7 +71,7 @@ class SweepConfig:
     SAELens' standard training loss with l1_coefficient x d_in, as SAELens sums the MSE over d_in)."""
     grad_clip_norm: float | None = None
     """Clip each member's gradient to this L2 norm (over all its tensors) before Adam; 0 = off; None (or auto) = 1/d_in
-    (1/d_out for a transcoder) for every architecture but topk (SAELens clips at 1 a loss d_in times ours; README
+    (1/d_out for a transcoder) for every architecture but topk (SAELens clips at 1 a loss d_in times ours; docs/architectures.md,
     "Gradient clipping by default"), off for topk."""
     dead_window: int = 10_000_000
     """A latent is dead when it has not fired in this many training tokens (AuxK and resampling use it)."""
@@ -118,10 +118,10 @@ class SweepConfig:
     (fused where the architecture has it)."""
     member_group: int = 0
     """Members per batched matmul in the fused kernel, and per forward/backward on the autograd path (not under
-    DDP); 0 = auto (all on CUDA, 4 on CPU; see the benchmark)."""
+    DDP); 0 = auto (all on CUDA, 4 on CPU; see docs/benchmarks.md)."""
     compile: bool | None = None
     """torch.compile the step; None = auto: on CUDA, and on CPU for fused-kernel runs of >= 100 steps (compiling
-    costs tens of seconds once; see the README's benchmark)."""
+    costs tens of seconds once; see docs/benchmarks.md)."""
     precision: str = "fp32"
     """Matmul precision of the step: fp32; bf16 (bf16 operands, fp32 accumulation; master weights, gradients and
     Adam stay fp32; the fused kernel or autograd under autocast); auto (bf16 on CUDA with bf16 support and on CPUs
@@ -252,7 +252,7 @@ class SweepConfig:
 # --grad_clip_norm None clips these at 1 / d_out: SAELens's clipping at 1, in our loss's units (our MSE is a mean
 # over d_out where SAELens sums it). At equal L0 on the demo store it lowers FVU by 57% (standard), 15% (BatchTopK)
 # and 43% (JumpReLU); TopK is mixed (better at k 16/64/128 here, 28% worse at k 16 on a 3x longer run), so it stays
-# off there (README "Gradient clipping by default", benchmarks/bench_quality.py).
+# off there (docs/architectures.md "Gradient clipping by default", benchmarks/bench_quality.py).
 AUTO_CLIP_ARCHITECTURES = ("standard", "gated", "batchtopk", "matryoshka_batchtopk", "jumprelu")
 # Flags that act on some architectures only: {flag: the architectures it acts on}, from each architecture's FLAGS.
 # SweepConfig.validate refuses one set away from its default on any other architecture (e.g. --k_values with standard).

@@ -98,17 +98,6 @@ def test_help_lists_every_flag_and_exits_0():
     assert r.returncode == 0 and "--ratio (4.0): Dictionary size over input size" in r.stdout
 
 
-def test_readme_flag_tables_match_the_config_docstrings():
-    # the README's tables are saetool.config.markdown_flags verbatim: a new or changed flag must update both
-    from pathlib import Path
-
-    from saetool.config.flags import markdown_flags, readme_tables
-
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    for cls, _ in readme_tables():
-        assert markdown_flags(cls) in readme, f"README flag table of {cls.__name__} is stale: python -m saetool.config"
-
-
 def test_ctrl_c_is_one_line_with_the_resume_hint(monkeypatch, capsys):
     from saetool import cli
 

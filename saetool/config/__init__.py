@@ -20,7 +20,25 @@ from saetool.config.sweep import (
     TrainingSection,
 )
 
-__all__ = ["ARCHITECTURE_FLAGS", "AUTO_CLIP_ARCHITECTURES", "DENSE_THRESHOLD", "SECTIONS", "ArchitectureSection",
-           "DataSection", "OutputSection", "RuntimeSection", "TrainingSection", "GenerateConfig", "NeuronpediaConfig",
-           "ReportConfig", "SparsifyConfig", "SweepConfig", "build", "check_device", "default_device", "help_text",
-           "join_names", "markdown_flags"]
+__all__ = [
+    "ARCHITECTURE_FLAGS",
+    "AUTO_CLIP_ARCHITECTURES",
+    "DENSE_THRESHOLD",
+    "SECTIONS",
+    "ArchitectureSection",
+    "DataSection",
+    "GenerateConfig",
+    "NeuronpediaConfig",
+    "OutputSection",
+    "ReportConfig",
+    "RuntimeSection",
+    "SparsifyConfig",
+    "SweepConfig",
+    "TrainingSection",
+    "build",
+    "check_device",
+    "default_device",
+    "help_text",
+    "join_names",
+    "markdown_flags",
+]

@@ -344,7 +344,7 @@ def train_step(ensemble: SAEEnsemble, optimizer: torch.optim.Optimizer, x: torch
     loss_scale = world size under DDP (DDP averages gradients over ranks, our losses are already global sums);
     dead: the dead-latent mask AuxK uses (see loss_and_stats). member_group > 0 (without a DDP model): forward and
     backward run for that many members at a time (the same gradients; only one group's [group, batch, d_sae]
-    intermediates are alive, which is faster on CPU, see the README's benchmark).
+    intermediates are alive, which is faster on CPU, see docs/benchmarks.md).
     target: a transcoder's x_out rows [rows, d_out] (x is then x_in), see loss_and_stats.
     Returns the statistics of THIS batch computed before the update (the batch trained on), see loss_and_stats.
     """

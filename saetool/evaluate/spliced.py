@@ -45,7 +45,7 @@ One pass over the text serves all members: for every batch of contexts the clean
 forward per variant (zero ablation, mean ablation, each member), each with the same batch shape (so the numerics of
 an unchanged activation are bit-identical to the clean run). ``variants_per_forward > 1`` stacks several variants along
 the batch axis of one forward instead (fewer, larger forwards; on the 2-core CPU with SmolLM2-135M, 4 variants per
-forward took 25-35% less time than separate forwards, see the README). Rows of one batched forward were bit-identical
+forward took 25-35% less time than separate forwards, see docs/benchmarks.md). Rows of one batched forward were bit-identical
 to a separate forward in every run here, but only the default guarantees the exact identity-SAE values above.
 """
 

@@ -9,7 +9,7 @@
   and CPUs whose measured bf16 `torch.mm` beats fp32 by 1.2x (AVX512-BF16/AMX); every rank must agree, so
   data-parallel ranks pick bf16 only if all of them would.
 - compile: `torch.compile` the step; auto = on CUDA, and on CPU for fused runs of >= CPU_COMPILE_MIN_STEPS.
-- member_group: members per batched matmul (0 = all on CUDA, 4 on CPU; see the README's benchmark).
+- member_group: members per batched matmul (0 = all on CUDA, 4 on CPU; see docs/benchmarks.md).
 
 With data-parallel ranks the fused kernel sums its gradients over ranks in one flat all-reduce; the autograd path
 wraps the ensemble in DistributedDataParallel.

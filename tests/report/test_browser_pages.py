@@ -98,7 +98,7 @@ def dump(url, tmp_path):
     return run.stdout
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (apt-get install chromium); see README for the manual check")
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (apt-get install chromium); see docs/report.md for the manual check")
 def test_browser_pages_load_in_headless_chromium(sweep_dir, tiny_model, tmp_path):
     write_report(sweep_dir, model=tiny_model, device="cpu", log=quiet, browser_top=5, browser_samples=10)
     folder = sweep_dir / "report" / "browser"

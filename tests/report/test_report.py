@@ -159,7 +159,7 @@ CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "goog
                  if shutil.which(n)), None)
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (apt-get install chromium); see README for the manual check")
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (apt-get install chromium); see docs/report.md for the manual check")
 def test_report_page_opens_in_headless_chromium(sweep_dir, tiny_model, tmp_path):
     page = write_report(sweep_dir, model=tiny_model, device="cpu", log=quiet)
     run = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",

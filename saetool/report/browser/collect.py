@@ -26,7 +26,7 @@ the end and only candidates that enter a buffer have their window gathered, so o
 work per batch grows with the firings that beat a latent's current K-th entry (about ``K ln(firings / K)`` per
 latent over a whole pass), not with ``tokens x latents``; what every batch pays is one scan of ``f`` for its
 non-zeros (the histogram and the density need each one) and a few operations per non-zero. The cost against the
-evaluation pass is measured by ``benchmarks/bench_browser.py`` (README, "The feature browser").
+evaluation pass is measured by ``benchmarks/bench_browser.py`` (docs/report.md, "The feature browser"; docs/benchmarks.md).
 
 Token ids of the windows are read from the store's ``tokens`` array once, after the pass, for the contexts that
 the kept windows reference.

@@ -21,6 +21,6 @@ from saetool.config.sweep import (
 )
 
 __all__ = ["ARCHITECTURE_FLAGS", "AUTO_CLIP_ARCHITECTURES", "DENSE_THRESHOLD", "SECTIONS", "ArchitectureSection",
-           "DataSection", "OutputSection", "RuntimeSection", "TrainingSection", "GenerateConfig", "NeuronpediaConfig",
-           "ReportConfig", "SparsifyConfig", "SweepConfig", "build", "check_device", "default_device", "help_text",
+           "DataSection", "GenerateConfig", "NeuronpediaConfig", "OutputSection", "ReportConfig", "RuntimeSection",
+           "SparsifyConfig", "SweepConfig", "TrainingSection", "build", "check_device", "default_device", "help_text",
            "join_names", "markdown_flags"]

@@ -37,7 +37,7 @@ __all__ = ["SCHEMA_VERSION", "ActivationStore", "StoreError", "StoreSpec", "Zarr
 
 
 class ActivationStore:
-    """A saetool activation store (see the module docstring for the layout).
+    """A saetool activation store (its layout: saetool.store.layout).
 
     Use `ActivationStore.create_or_resume(path, spec)` to write, `ActivationStore.open(path)` to read.
     """

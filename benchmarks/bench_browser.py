@@ -51,7 +51,7 @@ HOOK = "blocks.0.hook_resid_post"
 
 
 def make_store(path: Path, rows: int, d_in: int):
-    from saetool.store.activation_store import ActivationStore, StoreSpec
+    from saetool.store import ActivationStore, StoreSpec
     from saetool.store.values import to_store_array
 
     ctx, chunk = 128, 8192

@@ -122,21 +122,8 @@ def run_generate(cfg: GenerateConfig, dist: Dist | None = None, log=print) -> Ac
 
 
 def _generate(cfg: GenerateConfig, dist: Dist, log) -> ActivationStore:
-    hook_names = resolve_hook_names(cfg.locations, cfg.layers)
-    if cfg.model == EMBEDDED_MODEL:
-        with main_process_first(dist):  # the one-off GGUF conversion, then everyone loads the cached copy
-            embedded_model_dir()
-    model = load_model(cfg.model, device=cfg.device, dtype=cfg.model_dtype)
-    validate_hook_names(model, hook_names)
-    widths = hook_widths(model, hook_names)
-    spec = store_spec(cfg, hook_names, widths)
-    with main_process_first(dist):  # rank 0 writes the tokens; then the others open the store it wrote
-        if dist.is_main:
-            store = write_tokens(cfg, spec, model.tokenizer, log)
-        else:
-            store = ActivationStore.create_or_resume(cfg.dataset_folder, spec)
-            if not store.tokens_complete:
-                raise StoreError(f"{cfg.dataset_folder}: rank 0 did not finish writing the tokens")
+    model, hook_names, widths = _model_and_hooks(cfg, dist)
+    store = _tokens_store(cfg, dist, store_spec(cfg, hook_names, widths), model.tokenizer, log)
     spec = store.spec  # the rows the text filled
     if store.complete:  # every rank sees the same: only rank 0 finalizes, after the final barrier
         log(f"{cfg.dataset_folder} is already complete ({spec.n_rows} rows); nothing to do")
@@ -166,23 +153,56 @@ def _generate(cfg: GenerateConfig, dist: Dist, log) -> ActivationStore:
     bar.close()
     dist.barrier()
     if dist.is_main:
-        packing = store.meta["packing"]
-        raw_fp32 = spec.n_rows * sum(widths.values()) * 4
-        stored = store.nbytes_stored()
-        summary = {
-            "tokens": spec.n_rows, "tokens_masked_out": spec.n_rows - packing["n_text_tokens"], "hooks": widths,
-            "bytes_per_token": round(stored / spec.n_rows, 2), "ratio_to_fp32": round(raw_fp32 / max(stored, 1), 3),
-            "codec": cfg.compression, "keepbits": cfg.keepbits, "world_size": dist.world_size,
-            "chunks_per_rank": [len(s) for s in shares], "tokens_this_run": rows_todo,
-            "seconds_this_run": round(seconds, 2), "tokens_per_s": round(rows_todo / max(seconds, 1e-9), 1),
-            "config": asdict(cfg),
-        }
-        if store.finalize(summary):
-            log(f"wrote {spec.n_rows} tokens x {len(hook_names)} hook(s) to {cfg.dataset_folder} with "
-                f"{dist.world_size} process(es): {summary['bytes_per_token']} bytes/token ({cfg.compression}"
-                f"{'' if cfg.keepbits is None else f', keepbits {cfg.keepbits}'}), {summary['ratio_to_fp32']}x "
-                f"smaller than fp32, {summary['tokens_per_s']:.0f} tokens/s; packing: {packing}")
+        _finalize(cfg, dist, store, widths, shares, rows_todo, seconds, log)
     return store
+
+
+def _model_and_hooks(cfg: GenerateConfig, dist: Dist) -> tuple[object, list[str], dict[str, int]]:
+    """Step 1: (model, hook names, {hook name: width}): the model loaded (the embedded one converted once, by
+    rank 0) and every hook name validated, before any text is read."""
+    hook_names = resolve_hook_names(cfg.locations, cfg.layers)
+    if cfg.model == EMBEDDED_MODEL:
+        with main_process_first(dist):  # the one-off GGUF conversion, then everyone loads the cached copy
+            embedded_model_dir()
+    model = load_model(cfg.model, device=cfg.device, dtype=cfg.model_dtype)
+    validate_hook_names(model, hook_names)
+    return model, hook_names, hook_widths(model, hook_names)
+
+
+def _tokens_store(cfg: GenerateConfig, dist: Dist, spec: StoreSpec, tokenizer, log) -> ActivationStore:
+    """Step 2: rank 0 writes the store's tokens (`write_tokens`); then the other ranks open the store it wrote.
+    StoreError on a rank whose store's tokens are not complete."""
+    with main_process_first(dist):  # rank 0 writes the tokens; then the others open the store it wrote
+        if dist.is_main:
+            store = write_tokens(cfg, spec, tokenizer, log)
+        else:
+            store = ActivationStore.create_or_resume(cfg.dataset_folder, spec)
+            if not store.tokens_complete:
+                raise StoreError(f"{cfg.dataset_folder}: rank 0 did not finish writing the tokens")
+    return store
+
+
+def _finalize(cfg: GenerateConfig, dist: Dist, store: ActivationStore, widths: dict[str, int],
+              shares: list[list[int]], rows_todo: int, seconds: float, log) -> None:
+    """Step 4, rank 0, once every rank's chunks are committed: mark the store complete with its summary (tokens,
+    bytes per token, ratio to fp32, this run's tokens/s, the config) and log it."""
+    spec = store.spec
+    packing = store.meta["packing"]
+    raw_fp32 = spec.n_rows * sum(widths.values()) * 4
+    stored = store.nbytes_stored()
+    summary = {
+        "tokens": spec.n_rows, "tokens_masked_out": spec.n_rows - packing["n_text_tokens"], "hooks": widths,
+        "bytes_per_token": round(stored / spec.n_rows, 2), "ratio_to_fp32": round(raw_fp32 / max(stored, 1), 3),
+        "codec": cfg.compression, "keepbits": cfg.keepbits, "world_size": dist.world_size,
+        "chunks_per_rank": [len(s) for s in shares], "tokens_this_run": rows_todo,
+        "seconds_this_run": round(seconds, 2), "tokens_per_s": round(rows_todo / max(seconds, 1e-9), 1),
+        "config": asdict(cfg),
+    }
+    if store.finalize(summary):
+        log(f"wrote {spec.n_rows} tokens x {len(spec.hook_names)} hook(s) to {cfg.dataset_folder} with "
+            f"{dist.world_size} process(es): {summary['bytes_per_token']} bytes/token ({cfg.compression}"
+            f"{'' if cfg.keepbits is None else f', keepbits {cfg.keepbits}'}), {summary['ratio_to_fp32']}x "
+            f"smaller than fp32, {summary['tokens_per_s']:.0f} tokens/s; packing: {packing}")
 
 
 def store_spec(cfg: GenerateConfig, hook_names: list[str], widths: dict[str, int]) -> StoreSpec:

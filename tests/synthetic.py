@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from saetool.store.activation_store import ActivationStore, StoreSpec
+from saetool.store import ActivationStore, StoreSpec
 from saetool.store.values import to_store_array
 
 

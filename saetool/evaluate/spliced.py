@@ -219,11 +219,7 @@ def evaluate_spliced(
     if not saes:
         raise ValueError("evaluate_spliced needs at least one SAE")
     input_hook = transcoder_input_hook(saes)
-    if hook_name is None:
-        names = {s.cfg.get("hook_name") if input_hook is None else _output_hook(s) for s in saes}
-        if len(names) != 1 or None in names:
-            raise ValueError(f"pass hook_name: the SAEs name the hooks {sorted(map(str, names))}")
-        hook_name = names.pop()
+    hook_name = _splice_hook(saes, hook_name, input_hook)
     validate_hook_names(model, [hook_name] if input_hook is None else [input_hook, hook_name])
     mask, scored = _checked_mask(tokens, mask)
     if mean is None:
@@ -239,6 +235,17 @@ def evaluate_spliced(
         log(f"spliced evaluation at {hook_name}: {len(saes)} SAEs, {len(tokens)} contexts, {acc.n} scored tokens, "
             f"{forwards} forwards in {time.perf_counter() - start_time:.1f} s")
     return _spliced_results(acc, len(saes), len(tokens))
+
+
+def _splice_hook(saes: list, hook_name: str | None, input_hook: str | None) -> str:
+    """The hook to splice at: `hook_name`, else the one hook the members name (an SAE's cfg hook_name, a
+    transcoder's output hook). ValueError when they name none or several."""
+    if hook_name is None:
+        names = {s.cfg.get("hook_name") if input_hook is None else _output_hook(s) for s in saes}
+        if len(names) != 1 or None in names:
+            raise ValueError(f"pass hook_name: the SAEs name the hooks {sorted(map(str, names))}")
+        hook_name = names.pop()
+    return hook_name
 
 
 def _checked_mask(tokens: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:

@@ -181,13 +181,7 @@ def export_neuronpedia(cfg: NeuronpediaConfig, model=None, log=print) -> Path:
     array = index.get("config", {}).get("array")
     store = ActivationStore.open(store_path, array=array) if store_path else None
     results, rows = _collect(cfg, saes, store, hook, int(index.get("config", {}).get("eval_tokens", 0) or 0))
-    if model is None:
-        name = cfg.model or store.spec.model
-        try:
-            model = load_model(name, device=cfg.device)
-        except ValueError as e:
-            raise ValueError(f"cannot export to Neuronpedia: the model {name!r} for the token strings cannot be "
-                             f"loaded ({e}); pass --model") from None
+    model = _token_model(cfg, store, model)
     model_id = cfg.model_id or _slug(Path(store.spec.model).name)
     layer = re.match(r"blocks\.(\d+)\.", hook or "")
     now = datetime.now(timezone.utc).isoformat()
@@ -195,26 +189,12 @@ def export_neuronpedia(cfg: NeuronpediaConfig, model=None, log=print) -> Path:
     tmp = start_export(final, out_dir, index)
     sparsity = []
     for entry, sae, res in zip(entries, saes, results):
-        n = len(res["density"])
-        logits, _ = member_logits(cfg, sae, hook, model, n)
-        recs = [latent_record(res, i, res["before"], logits) for i in range(n)]
-        ids = {t for r in recs for w in r["top"] + [w for q in r["quantiles"] for w in q["windows"]] for t in w["ids"]}
-        ids |= {t for r in recs if r["logits"] for t, _ in r["logits"]["pos"] + r["logits"]["neg"]}
-        vocab = token_strings(model.tokenizer, list(ids))
         set_name = f"{cfg.source_set}-{_slug(Path(entry['path']).name)}"
         source_id = f"{layer.group(1) if layer else 0}-{set_name}"
-        folder = tmp / model_id / source_id
-        folder.mkdir(parents=True)
-        for name, record in _records_meta(cfg, model_id, source_id, set_name, store, hook, now).items():
-            (folder / f"{name}.jsonl").write_text(json.dumps(record) + "\n")
-        who = {"creatorId": cfg.creator_id, "createdAt": now}
-        for b in range(0, n, FEATURES_PER_BATCH):
-            lines = [_feature_lines(r, vocab, model_id, source_id, who) for r in recs[b:b + FEATURES_PER_BATCH]]
-            _write_jsonl_gz(folder / "features" / f"batch-{b // FEATURES_PER_BATCH}.jsonl.gz", [f for f, _ in lines])
-            _write_jsonl_gz(folder / "activations" / f"batch-{b // FEATURES_PER_BATCH}.jsonl.gz",
-                            [a for _, acts in lines for a in acts])
+        meta = _records_meta(cfg, model_id, source_id, set_name, store, hook, now)
+        _write_source(tmp / model_id / source_id, cfg, sae, hook, model, res, meta, now)
         full = np.zeros(sae.d_sae, dtype=np.int64)
-        full[:n] = res["fired"]
+        full[:len(res["density"])] = res["fired"]
         sparsity.append((out_dir / entry["path"] / SPARSITY_FILE, log_sparsity(full, res["n_tokens"])))
     finish_export(tmp, final)
     for path, values in sparsity:
@@ -222,3 +202,39 @@ def export_neuronpedia(cfg: NeuronpediaConfig, model=None, log=print) -> Path:
     log(f"export: {len(saes)} Neuronpedia sources in {final} (rows {rows[0]}..{rows[1]}); {SPARSITY_FILE} beside "
         "each member")
     return final
+
+
+def _token_model(cfg: NeuronpediaConfig, store, model):
+    """`model`, or (None) the model of ``--model`` or the store, loaded for the token strings; ValueError (one line)
+    when it cannot be loaded."""
+    if model is None:
+        name = cfg.model or store.spec.model
+        try:
+            model = load_model(name, device=cfg.device)
+        except ValueError as e:
+            raise ValueError(f"cannot export to Neuronpedia: the model {name!r} for the token strings cannot be "
+                             f"loaded ({e}); pass --model") from None
+    return model
+
+
+def _write_source(folder: Path, cfg: NeuronpediaConfig, sae, hook: str, model, res: dict, meta: dict,
+                  now: str) -> None:
+    """Write one member's Neuronpedia source into `folder` (created): its four records (`meta`, from
+    `_records_meta`) and its features and activations in batches of FEATURES_PER_BATCH latents; `res` is the
+    member's collection result."""
+    model_id, source_id = meta["model"]["id"], meta["source"]["id"]
+    n = len(res["density"])
+    logits, _ = member_logits(cfg, sae, hook, model, n)
+    recs = [latent_record(res, i, res["before"], logits) for i in range(n)]
+    ids = {t for r in recs for w in r["top"] + [w for q in r["quantiles"] for w in q["windows"]] for t in w["ids"]}
+    ids |= {t for r in recs if r["logits"] for t, _ in r["logits"]["pos"] + r["logits"]["neg"]}
+    vocab = token_strings(model.tokenizer, list(ids))
+    folder.mkdir(parents=True)
+    for name, record in meta.items():
+        (folder / f"{name}.jsonl").write_text(json.dumps(record) + "\n")
+    who = {"creatorId": cfg.creator_id, "createdAt": now}
+    for b in range(0, n, FEATURES_PER_BATCH):
+        lines = [_feature_lines(r, vocab, model_id, source_id, who) for r in recs[b:b + FEATURES_PER_BATCH]]
+        _write_jsonl_gz(folder / "features" / f"batch-{b // FEATURES_PER_BATCH}.jsonl.gz", [f for f, _ in lines])
+        _write_jsonl_gz(folder / "activations" / f"batch-{b // FEATURES_PER_BATCH}.jsonl.gz",
+                        [a for _, acts in lines for a in acts])

@@ -146,10 +146,8 @@ def _img(path: Path, caption: str) -> str:
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
-def _html(ev: dict, images: list[tuple[Path, str]]) -> str:
-    sw = ev["sweep"]
-    p = sw["sweep_param"]
-    esc = html.escape
+def _facts(sw: dict, ev: dict) -> list[tuple[str, object]]:
+    """(label, value) rows of the page's facts table: the sweep, its training and its spliced baselines."""
     facts = [("sweep folder", sw["output_dir"]), ("store", sw["store"]), ("model", sw["model"]),
              ("dataset", sw["dataset"]), ("hook", sw["hook_name"]),
              ("SAEs", f"{sw['n_members']} x {sw['architecture']}, d_in {sw['d_in']}, d_sae {sw['d_sae']}"),
@@ -168,19 +166,31 @@ def _html(ev: dict, images: list[tuple[Path, str]]) -> str:
             f"mean-ablation CE {b['mean_ablation_ce']:.4f}")))
     else:
         facts.append(("spliced evaluation", "not run (no model or no held-out rows)"))
-    rows = []
-    for m in ev["members"]:
-        h, d, s, n = m["heldout"] or {}, m["density"] or {}, m["spliced"] or {}, m["decoder_norms"]
-        front = " ".join(x for x, f in (("FVU", m["pareto_fvu"]), ("CE", m["pareto_ce"])) if f)
-        cls = ' class="front"' if front else ""
-        rows.append(
-            f"<tr{cls}><td>{esc(plot_label(p, m['sweep_value']))}</td><td>{_fmt(h.get('l0'), '.1f')}</td>"
-            f"<td>{_fmt(h.get('fvu'), '.4f')}</td><td>{_fmt(h.get('explained_variance'), '.4f')}</td>"
-            f"<td>{_fmt(h.get('mse'))}</td><td>{_fmt(d.get('n_dead'), 'd')}</td><td>{_fmt(d.get('n_dense'), 'd')}</td>"
-            f"<td class=\"n\">{_fmt(n['mean'], '.4f')} ({_fmt(n['min'], '.3f')}–{_fmt(n['max'], '.3f')})</td>"
-            f"<td>{_fmt(s.get('spliced_ce'), '.4f')}</td><td>{_fmt(s.get('ce_delta'), '.4f')}</td>"
-            f"<td>{_fmt(s.get('ce_loss_recovered'), '.4f')}</td><td>{_fmt(s.get('kl'), '.4g')}</td>"
-            f"<td class=\"l\">{esc(front)}</td><td class=\"l\">{esc(m['name'])}</td></tr>")
+    return facts
+
+
+def _member_row(m: dict, p: str) -> str:
+    """One member's <tr> of the members table (class "front" when on a Pareto front); `p` the sweep parameter."""
+    esc = html.escape
+    h, d, s, n = m["heldout"] or {}, m["density"] or {}, m["spliced"] or {}, m["decoder_norms"]
+    front = " ".join(x for x, f in (("FVU", m["pareto_fvu"]), ("CE", m["pareto_ce"])) if f)
+    cls = ' class="front"' if front else ""
+    return (
+        f"<tr{cls}><td>{esc(plot_label(p, m['sweep_value']))}</td><td>{_fmt(h.get('l0'), '.1f')}</td>"
+        f"<td>{_fmt(h.get('fvu'), '.4f')}</td><td>{_fmt(h.get('explained_variance'), '.4f')}</td>"
+        f"<td>{_fmt(h.get('mse'))}</td><td>{_fmt(d.get('n_dead'), 'd')}</td><td>{_fmt(d.get('n_dense'), 'd')}</td>"
+        f"<td class=\"n\">{_fmt(n['mean'], '.4f')} ({_fmt(n['min'], '.3f')}–{_fmt(n['max'], '.3f')})</td>"
+        f"<td>{_fmt(s.get('spliced_ce'), '.4f')}</td><td>{_fmt(s.get('ce_delta'), '.4f')}</td>"
+        f"<td>{_fmt(s.get('ce_loss_recovered'), '.4f')}</td><td>{_fmt(s.get('kl'), '.4g')}</td>"
+        f"<td class=\"l\">{esc(front)}</td><td class=\"l\">{esc(m['name'])}</td></tr>")
+
+
+def _html(ev: dict, images: list[tuple[Path, str]]) -> str:
+    sw = ev["sweep"]
+    p = sw["sweep_param"]
+    esc = html.escape
+    facts = _facts(sw, ev)
+    rows = [_member_row(m, p) for m in ev["members"]]
     head = ("<tr><th>" + esc(p) + "</th><th>L0</th><th>FVU</th><th>expl. var.</th><th>MSE</th><th>dead</th>"
             "<th>dense</th><th>decoder norm mean (min–max)</th><th>spliced CE</th><th>ΔCE</th><th>CE recovered</th>"
             "<th>KL</th><th>Pareto</th><th class=\"l\">folder</th></tr>")

@@ -93,31 +93,8 @@ def saelens_to_saetool(cfg: dict, state_dict: dict[str, torch.Tensor]) -> tuple[
         ValueError: an unsupported architecture or option, or missing/unexpected tensors.
     """
     meta = dict(cfg.get("metadata") or {})
-    fn = cfg.get("activation_fn") or cfg.get("activation_fn_str")
-    fn_kwargs = cfg.get("activation_fn_kwargs") or {}
-    arch = cfg.get("architecture") or ("topk" if fn == "topk" else "standard")
-    if arch == "standard" and fn == "topk":
-        arch = "topk"
-    if arch not in ("standard", "topk"):
-        raise ValueError(f"SAELens architecture {arch!r} is not supported by saetool (standard, topk)")
-    if arch == "standard" and fn not in (None, "relu"):
-        raise ValueError(f"SAELens activation function {fn!r} is not supported by saetool (relu, topk)")
-    norm = cfg.get("normalize_activations", "none")
-    if norm not in (None, False, "none"):
-        raise ValueError(f"SAELens normalize_activations={norm!r} is not supported: saetool SAEs read raw activations")
-    head = cfg.get("hook_head_index", meta.get("hook_head_index"))
-    if head is not None:
-        raise ValueError(f"single-head SAELens SAEs (hook_head_index={head}) are not supported")
-    hook_name = cfg.get("hook_name") or cfg.get("hook_point") or meta.get("hook_name")
-
-    sd = dict(state_dict)
-    scale = sd.pop("scaling_factor", None)
-    scale = sd.pop("finetuning_scaling_factor", scale)
-    needed = {"W_enc", "W_dec", "b_enc", "b_dec"}
-    if set(sd) != needed:
-        raise ValueError(f"SAELens {arch} SAE must hold exactly {sorted(needed)} (+ scaling_factor), got {sorted(sd)}")
-    dtype = _dtype_name(cfg.get("dtype") or sd["W_enc"].dtype)
-    W_enc, W_dec, b_enc, b_dec = (sd[k].detach().cpu().to(torch.float64) for k in ("W_enc", "W_dec", "b_enc", "b_dec"))
+    arch, fn_kwargs, hook_name = _saelens_kind(cfg, meta)
+    W_enc, W_dec, b_enc, b_dec, scale, dtype = _saelens_tensors(cfg, state_dict, arch)
     if not cfg.get("apply_b_dec_to_input", True):
         b_enc = b_enc + b_dec @ W_enc
     if scale is not None:
@@ -143,6 +120,41 @@ def saelens_to_saetool(cfg: dict, state_dict: dict[str, torch.Tensor]) -> tuple[
         **hyper, "tied": False, "metadata": {**meta, "source": "saelens"},
     }
     return weights, out_cfg
+
+
+def _saelens_kind(cfg: dict, meta: dict) -> tuple[str, dict, str | None]:
+    """(architecture "standard" | "topk", activation_fn_kwargs, hook name) of a SAELens cfg (v6 or pre-6.0).
+    ValueError for another architecture or activation, normalised activations or a single-head SAE."""
+    fn = cfg.get("activation_fn") or cfg.get("activation_fn_str")
+    fn_kwargs = cfg.get("activation_fn_kwargs") or {}
+    arch = cfg.get("architecture") or ("topk" if fn == "topk" else "standard")
+    if arch == "standard" and fn == "topk":
+        arch = "topk"
+    if arch not in ("standard", "topk"):
+        raise ValueError(f"SAELens architecture {arch!r} is not supported by saetool (standard, topk)")
+    if arch == "standard" and fn not in (None, "relu"):
+        raise ValueError(f"SAELens activation function {fn!r} is not supported by saetool (relu, topk)")
+    norm = cfg.get("normalize_activations", "none")
+    if norm not in (None, False, "none"):
+        raise ValueError(f"SAELens normalize_activations={norm!r} is not supported: saetool SAEs read raw activations")
+    head = cfg.get("hook_head_index", meta.get("hook_head_index"))
+    if head is not None:
+        raise ValueError(f"single-head SAELens SAEs (hook_head_index={head}) are not supported")
+    return arch, fn_kwargs, cfg.get("hook_name") or cfg.get("hook_point") or meta.get("hook_name")
+
+
+def _saelens_tensors(cfg: dict, state_dict: dict[str, torch.Tensor], arch: str) -> tuple:
+    """(W_enc, W_dec, b_enc, b_dec) in float64 on the CPU, the scaling factor (None if absent) and the dtype name
+    (the cfg's, else W_enc's). ValueError unless the state dict holds exactly those four (+ a scaling factor)."""
+    sd = dict(state_dict)
+    scale = sd.pop("scaling_factor", None)
+    scale = sd.pop("finetuning_scaling_factor", scale)
+    needed = {"W_enc", "W_dec", "b_enc", "b_dec"}
+    if set(sd) != needed:
+        raise ValueError(f"SAELens {arch} SAE must hold exactly {sorted(needed)} (+ scaling_factor), got {sorted(sd)}")
+    dtype = _dtype_name(cfg.get("dtype") or sd["W_enc"].dtype)
+    W_enc, W_dec, b_enc, b_dec = (sd[k].detach().cpu().to(torch.float64) for k in ("W_enc", "W_dec", "b_enc", "b_dec"))
+    return W_enc, W_dec, b_enc, b_dec, scale, dtype
 
 
 def load_saelens(path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -260,38 +272,12 @@ def legacy_to_saetool(learned_dict, hyperparams: dict | None = None, hook_name: 
     hyperparams = dict(hyperparams or {})
     a = learned_dict.__dict__
     if isinstance(learned_dict, LegacyTopKLearnedDict):
-        N = a["dict"].detach().cpu()
-        dtype = N.dtype
-        N = N.to(torch.float64)
-        n, d = N.shape
-        k = a.get("sparsity", hyperparams.get("sparsity"))
-        k = int(k.item() if isinstance(k, torch.Tensor) else k)
-        weights = {"W_enc": N.T, "W_dec": N, "b_enc": torch.zeros(n, dtype=torch.float64),
-                   "b_dec": torch.zeros(d, dtype=torch.float64)}
-        arch, hyper = "topk", {"k": k}
+        weights, dtype, arch, hyper = _legacy_topk(a, hyperparams)
     elif isinstance(learned_dict, (LegacyTiedSAE, LegacyUntiedSAE)):
-        E_raw = a["encoder"].detach().cpu()
-        dtype = E_raw.dtype
-        E_raw = E_raw.to(torch.float64)
-        n, d = E_raw.shape
-        b = a["encoder_bias"].detach().cpu().to(torch.float64)
-        if isinstance(learned_dict, LegacyUntiedSAE):
-            D = _unit_rows64(a["decoder"].detach().cpu().to(torch.float64))
-            weights = {"W_enc": E_raw.T, "W_dec": D, "b_enc": b, "b_dec": torch.zeros(d, dtype=torch.float64)}
-        else:
-            t = a.get("center_trans")
-            R = a.get("center_rot")
-            s = a.get("center_scale")
-            t = torch.zeros(d, dtype=torch.float64) if t is None else t.detach().cpu().to(torch.float64)
-            R = torch.eye(d, dtype=torch.float64) if R is None else R.detach().cpu().to(torch.float64)
-            s = torch.ones(d, dtype=torch.float64) if s is None else s.detach().cpu().to(torch.float64)
-            D = _unit_rows64(E_raw)
-            E = D if a.get("norm_encoder", True) else E_raw
-            weights = {"W_enc": R.T @ (s[:, None] * E.T), "W_dec": (D / s) @ R, "b_enc": b, "b_dec": t}
-        l1 = hyperparams.get("l1_alpha", a.get("l1_alpha"))
-        arch, hyper = "standard", {"l1_coefficient": float("nan") if l1 is None else float(l1)}
+        weights, dtype, arch, hyper = _legacy_sae(learned_dict, hyperparams)
     else:
         raise TypeError(f"unsupported legacy dictionary {learned_dict!r}")
+    n, d = (a["dict"] if arch == "topk" else a["encoder"]).shape  # the dictionary's [d_sae, d_in]
     weights = {k: v.to(dtype).contiguous() for k, v in weights.items()}
     tied = arch == "standard" and torch.equal(weights["W_enc"], weights["W_dec"].T)
     cfg = {
@@ -302,6 +288,52 @@ def legacy_to_saetool(learned_dict, hyperparams: dict | None = None, hook_name: 
                                             for k, v in hyperparams.items()}},
     }
     return weights, cfg
+
+
+def _legacy_topk(a: dict, hyperparams: dict) -> tuple[dict[str, torch.Tensor], torch.dtype, str, dict]:
+    """A TopKLearnedDict's float64 weights (W_enc = N^T, W_dec = N, zero biases), its dtype, "topk" and {"k": k}."""
+    N = a["dict"].detach().cpu()
+    dtype = N.dtype
+    N = N.to(torch.float64)
+    n, d = N.shape
+    k = a.get("sparsity", hyperparams.get("sparsity"))
+    k = int(k.item() if isinstance(k, torch.Tensor) else k)
+    weights = {"W_enc": N.T, "W_dec": N, "b_enc": torch.zeros(n, dtype=torch.float64),
+               "b_dec": torch.zeros(d, dtype=torch.float64)}
+    return weights, dtype, "topk", {"k": k}
+
+
+def _legacy_sae(learned_dict, hyperparams: dict) -> tuple[dict[str, torch.Tensor], torch.dtype, str, dict]:
+    """A TiedSAE's or UntiedSAE's float64 weights (see `legacy_to_saetool`), its dtype, "standard" and
+    {"l1_coefficient": l1_alpha or NaN}."""
+    a = learned_dict.__dict__
+    E_raw = a["encoder"].detach().cpu()
+    dtype = E_raw.dtype
+    E_raw = E_raw.to(torch.float64)
+    d = E_raw.shape[1]
+    b = a["encoder_bias"].detach().cpu().to(torch.float64)
+    if isinstance(learned_dict, LegacyUntiedSAE):
+        D = _unit_rows64(a["decoder"].detach().cpu().to(torch.float64))
+        weights = {"W_enc": E_raw.T, "W_dec": D, "b_enc": b, "b_dec": torch.zeros(d, dtype=torch.float64)}
+    else:
+        weights = _legacy_tied_weights(a, E_raw, b)
+    l1 = hyperparams.get("l1_alpha", a.get("l1_alpha"))
+    return weights, dtype, "standard", {"l1_coefficient": float("nan") if l1 is None else float(l1)}
+
+
+def _legacy_tied_weights(a: dict, E_raw: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A TiedSAE's centring folded into float64 weights: W_enc = R^T diag(s) E^T, W_dec = D diag(1/s) R, b_enc = b,
+    b_dec = t; missing centring attributes default to t = 0, R = I, s = 1."""
+    d = E_raw.shape[1]
+    t = a.get("center_trans")
+    R = a.get("center_rot")
+    s = a.get("center_scale")
+    t = torch.zeros(d, dtype=torch.float64) if t is None else t.detach().cpu().to(torch.float64)
+    R = torch.eye(d, dtype=torch.float64) if R is None else R.detach().cpu().to(torch.float64)
+    s = torch.ones(d, dtype=torch.float64) if s is None else s.detach().cpu().to(torch.float64)
+    D = _unit_rows64(E_raw)
+    E = D if a.get("norm_encoder", True) else E_raw
+    return {"W_enc": R.T @ (s[:, None] * E.T), "W_dec": (D / s) @ R, "b_enc": b, "b_dec": t}
 
 
 def load_legacy(path: str | os.PathLike, hook_name: str | None = None, device: str | torch.device = "cpu"

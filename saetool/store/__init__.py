@@ -3,8 +3,9 @@ feed to the training device."""
 
 from __future__ import annotations
 
-from saetool.store.activation_store import ActivationStore, StoreError, StoreSpec
+from saetool.store.activation_store import ActivationStore
+from saetool.store.layout import StoreSpec
 from saetool.store.loader import BatchLoader, DeviceFeed
-from saetool.store.values import to_store_array
+from saetool.store.values import StoreError, to_store_array
 
 __all__ = ['ActivationStore', 'BatchLoader', 'DeviceFeed', 'StoreError', 'StoreSpec', 'to_store_array']

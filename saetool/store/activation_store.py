@@ -1,17 +1,5 @@
-"""The activation store: one Zarr v3 group per generation run, readable by plain `zarr` and `xarray`.
-
-Layout (schema version 1; docs/store.md is the full reference)::
-
-    <dataset_folder>/                 zarr group, attrs["saetool"] = the run's metadata (see `StoreSpec`)
-        tokens                        int32 [n_contexts, context_size]   the token ids of every stored context
-        mask                          bool  [n_rows]                      False at BOS / separator / padding rows
-        <hook_name>                   float16 | float32 | uint16 [n_rows, d]   one array per hook point
-        commits                       uint8 [n_chunks], chunks of 1       1 once chunk i is fully written
-
-A row is one (context, position) pair; row r belongs to context r // context_size, so the rows of a context
-are contiguous and a chunk of `chunk_size` rows (a multiple of context_size) holds whole contexts.
-bfloat16 activations are stored as their raw bits in uint16 arrays whose attrs say
-``{"saetool_dtype": "bfloat16"}`` (NumPy has no bfloat16; never an unnamed 2-byte void type).
+"""The activation store: writing and reading one Zarr v3 group per generation run (its layout, schema version and
+`StoreSpec` are saetool.store.layout; docs/store.md is the full reference).
 
 Generation writes every chunk's `tokens` and `mask` first (one writer, rank 0, streaming the text), resizing
 the arrays while it learns how many rows the text fills, then records `tokens_complete`; only then are activations
@@ -26,101 +14,30 @@ decodes, and `keepbits` is recorded in the spec and in each array's attrs. How v
 on the way in and out is saetool.store.values.
 
 `ActivationStore.open(path, array=name)` instead reads one 2-D array of any Zarr group (written by another tool)
-through the same read interface (`ZarrArrayRows`).
+through the same read interface (`ZarrArrayRows`, saetool.store.foreign).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numcodecs.blosc
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import BloscCodec, BloscShuffle, ZstdCodec
 
 from saetool.store.chunks import ChunkReader
+from saetool.store.foreign import ZarrArrayRows
+from saetool.store.layout import SCHEMA_VERSION, StoreSpec, create_layout
 from saetool.store.values import StoreError, check_finite, from_store_array
 
-SCHEMA_VERSION = 1
-COMPRESSIONS = ("blosc-zstd", "zstd", "none")
-
-
-def _no_blosc_threads() -> None:
-    """Blosc's global thread pool does not survive fork(): compress single-threaded (per call context)."""
-    numcodecs.blosc.use_threads = False
-
-
-# zarr >= 3 already sets this at import; saetool does not rely on it, and repeats it in every forked child
-# (DataLoader / multiprocessing workers), where a thread pool inherited from the parent can hang.
-_no_blosc_threads()
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_no_blosc_threads)
-
-
-@dataclass
-class StoreSpec:
-    """Everything that defines a store's content; two runs with equal specs produce equal stores.
-
-    Stored as ``attrs["saetool"]`` together with the progress fields (`complete`, `rows_committed`, `summary`).
-    """
-
-    model: str
-    dataset: str
-    hook_names: list[str]
-    widths: dict[str, int]
-    n_rows: int
-    context_size: int
-    chunk_size: int
-    dtype: str = "float16"
-    compression: str = "blosc-zstd"
-    bos_policy: str = ""
-    seed: int = 0
-    extra: dict = field(default_factory=dict)
-    keepbits: int | None = None
-
-    @property
-    def n_contexts(self) -> int:
-        return self.n_rows // self.context_size
-
-    @property
-    def n_chunks(self) -> int:
-        return -(-self.n_rows // self.chunk_size)
-
-    def chunk_rows(self, chunk: int) -> tuple[int, int]:
-        """Row range [start, stop) of store chunk `chunk`; the last chunk may be shorter."""
-        start = chunk * self.chunk_size
-        return start, min(start + self.chunk_size, self.n_rows)
-
-    def to_json(self) -> dict:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
-
-    def settings(self) -> dict:
-        """What defines the content (everything but `n_rows`, which generation learns only as the text is read)."""
-        return {k: v for k, v in self.to_json().items() if k != "n_rows"}
-
-
-def _compressors(name: str) -> list:
-    if name == "blosc-zstd":
-        return [BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.shuffle)]
-    if name == "zstd":
-        return [ZstdCodec(level=3)]
-    if name == "none":
-        return []
-    raise StoreError(f"unknown compression {name!r}; choose one of {', '.join(COMPRESSIONS)}")
-
-
-def _zarr_dtype(dtype: str) -> str:
-    return {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}[dtype]
+__all__ = ["SCHEMA_VERSION", "ActivationStore", "StoreError", "StoreSpec", "ZarrArrayRows"]
 
 
 class ActivationStore:
-    """A saetool activation store (see the module docstring for the layout).
+    """A saetool activation store (its layout: saetool.store.layout).
 
     Use `ActivationStore.create_or_resume(path, spec)` to write, `ActivationStore.open(path)` to read.
     """
@@ -205,26 +122,7 @@ class ActivationStore:
             shutil.rmtree(stale, ignore_errors=True)
         tmp = path.parent / f".{path.name}.creating-{os.getpid()}"
         group = zarr.open_group(str(tmp), mode="w")
-        compressors = _compressors(spec.compression)
-        rows_per_chunk = spec.chunk_size
-        group.create_array(
-            "tokens", shape=(spec.n_contexts, spec.context_size), dtype="int32",
-            chunks=(rows_per_chunk // spec.context_size, spec.context_size), compressors=compressors, fill_value=0,
-            dimension_names=["context", "position"],
-        )
-        group.create_array("mask", shape=(spec.n_rows,), dtype="bool", chunks=(rows_per_chunk,),
-                           compressors=compressors, fill_value=False, dimension_names=["row"])
-        for name in spec.hook_names:
-            group.create_array(
-                name, shape=(spec.n_rows, spec.widths[name]), dtype=_zarr_dtype(spec.dtype),
-                chunks=(rows_per_chunk, spec.widths[name]), compressors=compressors, fill_value=0,
-                dimension_names=["row", f"{name}.dim"],
-                attributes={"saetool_dtype": spec.dtype, "hook_name": name, "keepbits": spec.keepbits},
-            )
-        group.create_array("commits", shape=(spec.n_chunks,), dtype="uint8", chunks=(1,), fill_value=0,
-                           dimension_names=["chunk"])
-        meta = {"schema_version": SCHEMA_VERSION, **spec.to_json(), "complete": False}
-        group.attrs["saetool"] = meta
+        create_layout(group, spec)
         os.replace(tmp, path)
         return cls(path, zarr.open_group(str(path), mode="r+"))
 
@@ -365,69 +263,3 @@ class ActivationStore:
             for root, _, files in os.walk(self.path / name):
                 total += sum(os.path.getsize(os.path.join(root, f)) for f in files if not f.endswith(".partial"))
         return total
-
-
-class ZarrArrayRows:
-    """Rows of one 2-D array in any Zarr group (e.g. written by another tool), read like an `ActivationStore`.
-
-    The array is [n_rows, d] float16, float32, or bfloat16 stored as uint16 bits with attrs `saetool_dtype` or
-    `dtype` = "bfloat16". It exposes what the sweep reads: `path`, `spec` (a StoreSpec with n_rows, chunk_size
-    = the array's row chunking, hook_names = [array], widths, dtype; context_size 1 as contexts are unknown),
-    `complete` (True), `resolve_hook`, `width`, `read_rows`, and `read_mask` (every row True: no mask).
-    Raises StoreError (one line) for a missing path, a folder that is not a Zarr group, a missing array (the
-    message lists the arrays there), an array that is not 2-D, or an unsupported dtype.
-    """
-
-    complete = True
-
-    def __init__(self, path: str | os.PathLike, name: str):
-        self.path = Path(path)
-        if not self.path.exists():
-            raise StoreError(f"no Zarr store at {self.path}")
-        try:
-            group = zarr.open_group(str(self.path), mode="r")
-        except Exception as e:  # noqa: BLE001 - zarr raises several types for foreign folders
-            raise StoreError(f"{self.path} is not a Zarr group ({type(e).__name__})") from None
-        try:
-            arr = group[name]
-        except KeyError:
-            arrays = sorted(n for n, _ in group.arrays())
-            held = ", ".join(arrays) or "no arrays"
-            raise StoreError(f"{self.path} has no array {name!r}; it holds {held}") from None
-        if not isinstance(arr, zarr.Array) or arr.ndim != 2:
-            got = getattr(arr, "shape", "a group")
-            raise StoreError(f"{self.path}/{name} must be a 2-D array [rows, d], got {got}")
-        declared = arr.attrs.get("saetool_dtype", arr.attrs.get("dtype"))
-        if arr.dtype in (np.float16, np.float32):
-            logical = str(arr.dtype)
-        elif arr.dtype == np.uint16 and declared == "bfloat16":
-            logical = "bfloat16"
-        else:
-            raise StoreError(f"{self.path}/{name} has dtype {arr.dtype}; expected float16, float32, or uint16 bits "
-                             "with attrs dtype='bfloat16'")
-        self.array, self.meta = arr, {}
-        n, d = arr.shape
-        self.spec = StoreSpec(model=str(arr.attrs.get("model", "")), dataset=str(self.path), hook_names=[name],
-                              widths={name: int(d)}, n_rows=int(n), context_size=1, chunk_size=int(arr.chunks[0]),
-                              dtype=logical, compression="foreign", extra={"array": name})
-
-    def resolve_hook(self, hook_name: str | None) -> str:
-        """The array's name; StoreError if `hook_name` names anything else."""
-        name = self.spec.hook_names[0]
-        if hook_name not in (None, name):
-            raise StoreError(f"{self.path} is read as the single array {name!r}; --hook_name {hook_name!r} is not it")
-        return name
-
-    def width(self, hook_name: str | None = None) -> int:
-        """d, the array's second dimension."""
-        return self.spec.widths[self.resolve_hook(hook_name)]
-
-    def read_rows(self, hook_name: str, start: int, stop: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Rows [start, stop) as a tensor [stop-start, d] of `dtype`."""
-        self.resolve_hook(hook_name)
-        rows = from_store_array(self.array[start:stop], self.spec.dtype)
-        return check_finite(rows, f"{self.path}/{self.spec.hook_names[0]}", start, self.spec.chunk_size).to(dtype)
-
-    def read_mask(self, start: int, stop: int) -> np.ndarray:
-        """bool [stop-start], all True: a foreign array has no mask."""
-        return np.ones(max(0, min(stop, self.spec.n_rows) - start), dtype=bool)

@@ -1,6 +1,6 @@
 """The values of an activation store: how activations are cast to the stored dtype (float16 / bfloat16 bits in
 uint16 / float32), bit-rounded (--keepbits), checked for overflow and NaN/inf on the way in, and turned back into
-tensors and checked on the way out. The store's layout is saetool.store.activation_store.
+tensors and checked on the way out. The store's layout is saetool.store.layout.
 """
 
 from __future__ import annotations

@@ -249,6 +249,36 @@ def _document_rows(flat: np.ndarray, lengths: np.ndarray, width: int, pad_token_
     return rows, is_text
 
 
+def _flatten(docs: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """(flat, lengths): every document's token ids joined in order (int64 [sum(lengths)]) and each document's
+    length (int64 [n_documents]). ValueError for a negative token id."""
+    lengths = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
+    n_text = int(lengths.sum())
+    flat = np.fromiter(itertools.chain.from_iterable(docs), dtype=np.int64, count=n_text)
+    if n_text and flat.min() < 0:
+        raise ValueError(f"token ids must be >= 0, got {int(flat.min())}")
+    return flat, lengths
+
+
+def _place(flat: np.ndarray, lengths: np.ndarray, width: int, concat: bool, sep_token_id: int | None,
+           pad_token_id: int | None) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """The non-empty documents (`flat` token ids, `lengths` > 0 each) in rows of `width` stream tokens, by
+    `_stream_rows` (concat) or `_document_rows`. Returns (rows, is_text, text tokens placed, padding positions)."""
+    if concat:
+        rows, row_mask = _stream_rows(flat, lengths, width, sep_token_id)
+        return rows, row_mask, int(row_mask.sum()), 0
+    rows, row_mask = _document_rows(flat, lengths, width, int(pad_token_id))
+    return rows, row_mask, int(flat.size), rows.size - int(flat.size)
+
+
+def _with_bos(rows: np.ndarray, row_mask: np.ndarray, bos_token_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, row_mask) [n, w] -> [n, w + 1] with a BOS column in front (masked out: False)."""
+    n = len(rows)
+    rows = np.concatenate([np.full((n, 1), bos_token_id, dtype=np.int64), rows], axis=1)
+    row_mask = np.concatenate([np.zeros((n, 1), dtype=bool), row_mask], axis=1)
+    return rows, row_mask
+
+
 def pack_contexts(
     docs: Sequence[Sequence[int]],
     context_size: int,
@@ -282,21 +312,9 @@ def pack_contexts(
     """
     context_size, width = check_packing(context_size, bos_token_id=bos_token_id, sep_token_id=sep_token_id,
                                         pad_token_id=pad_token_id, prepend_bos=prepend_bos, concat=concat)
-    lengths = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
-    n_documents = int(lengths.size)
-    n_empty = int((lengths == 0).sum())
-    n_text = int(lengths.sum())
-    flat = np.fromiter(itertools.chain.from_iterable(docs), dtype=np.int64, count=n_text)
-    if n_text and flat.min() < 0:
-        raise ValueError(f"token ids must be >= 0, got {int(flat.min())}")
-    nonempty = lengths[lengths > 0]
-
-    if concat:
-        rows, row_mask = _stream_rows(flat, nonempty, width, sep_token_id)
-        n_placed, n_pad = int(row_mask.sum()), 0
-    else:
-        rows, row_mask = _document_rows(flat, nonempty, width, int(pad_token_id))
-        n_placed, n_pad = n_text, rows.size - n_text
+    flat, lengths = _flatten(docs)
+    n_documents, n_empty, n_text = int(lengths.size), int((lengths == 0).sum()), int(flat.size)
+    rows, row_mask, n_placed, n_pad = _place(flat, lengths[lengths > 0], width, concat, sep_token_id, pad_token_id)
     n_contexts, n_dropped = len(rows), n_text - n_placed
 
     if n_contexts == 0:
@@ -305,22 +323,15 @@ def pack_contexts(
             f"({n_documents} documents, {n_empty} empty; prepend_bos={prepend_bos}, concat={concat}): "
             "use more text or a smaller context_size"
         )
-
     if prepend_bos:
-        rows = np.concatenate([np.full((n_contexts, 1), int(bos_token_id), dtype=np.int64), rows], axis=1)
-        row_mask = np.concatenate([np.zeros((n_contexts, 1), dtype=bool), row_mask], axis=1)
-
+        rows, row_mask = _with_bos(rows, row_mask, int(bos_token_id))
     if shuffle:
         perm = np.random.default_rng(seed).permutation(n_contexts)
-        rows = rows[perm]
-        row_mask = row_mask[perm]
+        rows, row_mask = rows[perm], row_mask[perm]
 
     return PackedContexts(
         tokens=torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64)),
         mask=torch.from_numpy(np.ascontiguousarray(row_mask, dtype=bool)),
-        n_documents=n_documents,
-        n_empty_documents=n_empty,
-        n_text_tokens=n_placed,
-        n_dropped_tokens=n_dropped,
+        n_documents=n_documents, n_empty_documents=n_empty, n_text_tokens=n_placed, n_dropped_tokens=n_dropped,
         n_pad_tokens=n_pad,
     )

@@ -10,7 +10,7 @@ import pytest
 import torch
 import zarr
 
-from saetool.store.activation_store import ActivationStore, StoreError, StoreSpec
+from saetool.store import ActivationStore, StoreError, StoreSpec
 from saetool.store.values import bitround, to_store_array
 from tests.synthetic import write_store
 

@@ -163,36 +163,48 @@ def member_folder_names(architecture: str, hyperparams: list[dict]) -> list[str]
     raise ValueError(f"two members have the same hyperparameters: {names}")
 
 
+def write_member(root: str | os.PathLike, name: str, weights: dict, cfg: dict, metrics: dict) -> dict:
+    """Save one member as ROOT/<name>/ (save_sae) and return its index entry (path "saes/<name>", architecture,
+    hyperparameters, metrics)."""
+    arch = trained_architecture(cfg)
+    save_sae(Path(root) / name, weights, cfg)
+    saved_as = {} if arch == cfg["architecture"] else {"saved_architecture": cfg["architecture"]}
+    hyperparams = {h: cfg[h] for h in get_architecture(arch).HYPERPARAMS}
+    return {"path": f"saes/{name}", "architecture": arch, **saved_as, **hyperparams, "metrics": metrics}
+
+
 def write_members(out_dir: str | os.PathLike, members: list[tuple[dict, dict, dict]]) -> list[dict]:
     """Write the member folders of a sweep: members = [(weights, cfg, metrics), ...] into OUTPUT_DIR/saes/<name>/;
-    returns their index entries (path, architecture, hyperparameters, metrics). The folders are first written to
-    `saes.tmp/` and swapped in whole, so an error (e.g. a full disk) leaves no partial saes/ folder."""
+    returns their index entries (write_member). The folders are first written to `saes.tmp/` and swapped in whole
+    (publish_members), so an error (e.g. a full disk) leaves no partial saes/ folder."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / "saes.tmp"
+    tmp = out_dir / MEMBERS_TMP
     shutil.rmtree(tmp, ignore_errors=True)
-    entries, names = [], {}
+    names = {}
     for _, cfg, _ in members:
         arch = trained_architecture(cfg)
         names.setdefault(arch, []).append({h: cfg[h] for h in get_architecture(arch).HYPERPARAMS})
     names = {arch: iter(member_folder_names(arch, hps)) for arch, hps in names.items()}
     try:
-        for weights, cfg, metrics in members:
-            arch = trained_architecture(cfg)
-            hyperparams = {h: cfg[h] for h in get_architecture(arch).HYPERPARAMS}
-            name = next(names[arch])
-            save_sae(tmp / name, weights, cfg)
-            saved_as = {} if arch == cfg["architecture"] else {"saved_architecture": cfg["architecture"]}
-            entries.append({"path": f"saes/{name}", "architecture": arch, **saved_as, **hyperparams,
-                            "metrics": metrics})
+        entries = [write_member(tmp, next(names[trained_architecture(cfg)]), weights, cfg, metrics)
+                   for weights, cfg, metrics in members]
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # e.g. a full disk: free what was written
         raise
+    publish_members(out_dir)
+    return entries
+
+
+MEMBERS_TMP = "saes.tmp"
+
+
+def publish_members(out_dir: str | os.PathLike) -> None:
+    """Replace OUTPUT_DIR/saes/ by the finished OUTPUT_DIR/saes.tmp/ (one rename)."""
+    out_dir = Path(out_dir)
     final = out_dir / "saes"
     if final.exists():
         shutil.rmtree(final)
-    os.replace(tmp, final)
-    return entries
+    os.replace(out_dir / MEMBERS_TMP, final)
 
 
 def write_sweep(out_dir: str | os.PathLike, members: list[tuple[dict, dict, dict]], index: dict) -> None:

@@ -97,12 +97,14 @@ class Checkpointer:
         self.dist.barrier()
 
     def load(self) -> dict | None:
-        """This rank's saved state (None when the checkpoint has no file for it: made by fewer processes)."""
+        """This rank's saved state (None when the checkpoint has no file for it: made by fewer processes), its
+        tensors memory-mapped from the file (copied only where they are loaded into the ensemble and Adam)."""
         step_dir = self.dir / (self.dir / "latest").read_text().strip()
         path = step_dir / f"rank{self.dist.rank if self.shard_by_rank else 0}.pt"
         if not path.is_file():
             return None
-        return torch.load(path, map_location="cpu", weights_only=False)
+        # memory-mapped: every data-parallel rank reads rank 0's file through the shared page cache, not a full copy
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
 
     def remove(self) -> None:
         self.dist.barrier()

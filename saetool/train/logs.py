@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from saetool.saved import member_folder_names
 from saetool.train import wandb_log
+from saetool.train.outputs import member_names
 
 LOG_EVERY = 20
 
@@ -37,9 +37,7 @@ class TrainLogger:
         self.dist, self.data_parallel, self.by_members = dist, run.data_parallel, run.by_members
         self.file = self.wandb = None
         if run.output.wandb_project and dist.is_main:
-            names = member_folder_names(run.arch.architecture, [{h: (int if h == "k" else float)(v[i])
-                                                            for h, v in run.hyper.items()} for i in range(run.n_members)])
-            self.wandb = wandb_log.WandbLogger(names, project=run.output.wandb_project, name=run.out.name,
+            self.wandb = wandb_log.WandbLogger(member_names(run), project=run.output.wandb_project, name=run.out.name,
                                                config=dataclasses.asdict(run.cfg), log=log)
         if dist.is_main:
             run.out.mkdir(parents=True, exist_ok=True)

@@ -48,5 +48,13 @@ test: $(VENV)/.installed-dev
 docs: $(VENV)/.installed-docs
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d site
 
+# The one-call GPU check (benchmarks/gpu_check.py; docs/distributed.md "The GPU check"): on a CUDA machine with its own
+# torch, installs the wheels of .whl/ (the packages that machine lacks) into .whl/site and writes OUT/gpu_check.json
+# and OUT/gpu_check.md.
+OUT ?= runs/gpu-check
+gpu-check:
+	if ls .whl/*.whl >/dev/null 2>&1; then $(PYTHON) -m pip install -q --no-index --no-deps --target .whl/site .whl/*.whl; fi
+	PYTHONPATH=.whl/site:. $(PYTHON) benchmarks/gpu_check.py --out $(OUT)
+
 clean:
 	rm -rf $(VENV) runs site

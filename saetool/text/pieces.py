@@ -24,17 +24,22 @@ punctuation, whitespace), whose matching decides a boundary at a whitespace betw
 from the characters next to it and never looks behind a match boundary, and the model (BPE, WordPiece, Unigram)
 runs inside each word, so a long word to the right of ``c`` (cut short at ``c + O`` in both tokenisations) cannot
 change the tokens before ``c``. A regex match that does cross the seam (Llama 3 joins ``".\\n"``) fails the
-certificate, and the next seam is tried.
+certificate, and the next seam is tried. `tests/text/test_long_documents.py` checks the joined pieces against the
+tokenizer on the whole text for SmolLM2's tokenizer (windows down to 1 character) and for BPEs trained with Llama 3's
+regex, SentencePiece's ``Metaspace`` and Llama 2's legacy normalizer.
 
 Why not the tokenizer's offset mapping (keep the tokens whose offsets end before a safe point): the certificate
 needs ids only, so it works for slow tokenizers too, and it checks (2), which offsets cannot (a window starting
 where the whole-document tokenisation does not start a word is tokenised differently with no sign in the offsets;
 byte-level ``trim_offsets`` also moves start offsets).
 
-A tokenizer without such seams fails every certificate: SentencePiece-style ``Metaspace`` tokenizers prepend ``▁``
-to the text they are given, so ``" x"`` alone is not tokenised as inside a text. After `SEAM_TRIES` failed seams in
-one piece, or when no seam is left, the rest of the document is tokenised whole (the old cost, still the right
-tokens); so is a document whose rest has no seam (a long run without whitespace: a piece grows until the next seam).
+Refused seams: SentencePiece's ``Metaspace`` pre-tokenizer prepends ``▁`` to a text that does not start with one, so
+``"\\nis"`` alone gets an extra token and seams at newlines are refused (seams at spaces pass); Llama 2's legacy fast
+tokenizer prepends ``▁`` in its normalizer to whatever it is given, so ``" is"`` alone becomes ``"▁▁is"`` and no seam
+passes. A refused seam costs one more window; after `SEAM_TRIES` refused seams in one piece the rest of the document
+is tokenised whole (the old cost, still the right tokens). A piece also grows past W up to the next seam (a run
+without whitespace is never cut), and the rest is tokenised whole when no seam is left in it (a long text without
+whitespace, e.g. Chinese or Japanese).
 """
 
 from __future__ import annotations

@@ -231,11 +231,13 @@ def test_a_long_document_is_stored_as_whole_document_tokenisation_and_resumes_in
     with pytest.raises(KeyboardInterrupt):
         gen.run_generate(cfg, log=quiet)
     with np.load(tmp_path / "s.zarr" / gen.STATE_FILE) as state:
-        assert int(state["document_open"]) == 1 and int(state["document_chars"]) > 0
+        assert int(state["document_open"]) == 1 and (chars := int(state["document_chars"])) > 0
     monkeypatch.undo()
     for name, value in (("LONG_DOCUMENT_CHARS", 1000), ("PIECE_CHARS", 200), ("SEAM_CONTEXT_CHARS", 16)):
         monkeypatch.setattr(st, name, value)
-    resumed = gen.run_generate(cfg, log=quiet)
+    messages = []
+    resumed = gen.run_generate(cfg, log=messages.append)
+    assert any(m.endswith(f"(1 documents already tokenised, and {chars} characters of the next)") for m in messages)
     for name in ["tokens", "mask", "blocks.0.hook_resid_post", "commits"]:
         assert np.array_equal(resumed.group[name][:], clean.group[name][:]), name
 

@@ -297,3 +297,23 @@ def test_one_long_document_jsonl_round_trip(tmp_path, smol, small_pieces):
     tokens, _ = oracle(texts, context_size=64, n_contexts=None, buffer_size=1, seed=3, tokenizer=smol,
                        bos=special["bos"], sep=special["sep"], pad=special["pad"])
     assert np.array_equal(got, tokens)
+
+
+def test_a_state_saved_before_long_documents_existed_still_resumes():
+    # Stream states written by the code before pieces lack the four keys of an open long document; they mean none.
+    texts = documents(40, seed=1)
+    kw = {"context_size": 8, "n_contexts": 45, "buffer_size": 16, "seed": 3, "per_chunk": 5}
+    word = make_word_tokenizer()
+
+    def stream(state=None):
+        return st.ContextStream(iter(texts), word, kw["context_size"], bos_token_id=0, sep_token_id=1,
+                                pad_token_id=1, state=state, **{k: v for k, v in kw.items() if k != "context_size"})
+
+    full = list(stream())
+    first = stream()
+    head = list(itertools.islice(first, 4))
+    state = {k: v for k, v in first.state().items()
+             if k not in ("document_open", "document_chars", "piece_open", "piece_tokens")}
+    rest = list(stream(state))
+    for (a, b), (c, d) in zip(head + rest, full, strict=True):
+        assert np.array_equal(a, c) and np.array_equal(b, d)

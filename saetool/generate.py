@@ -6,8 +6,9 @@ Order of work (so bad input fails early and nothing half-written looks valid):
    text column fails here), streams it through `saetool.text.stream.ContextStream` (tokenise in batches, pack, seeded
    shuffle buffer) only as far as the budget (--n_chunks x --chunk_size), creates the store once the first chunk
    is known (so "N tokens < one context" fails before anything is written) and writes every chunk's tokens and
-   mask, then records `tokens_complete`. Its memory is the shuffle buffer plus one tokenisation batch, whatever
-   the corpus size; no other process reads or tokenises the text;
+   mask, then records `tokens_complete`. Its memory is the shuffle buffer plus one tokenisation batch (or one
+   piece of a document over 1M characters, plus that document's text), whatever the corpus and document sizes;
+   no other process reads or tokenises the text;
 3. every process (rank 0 included) then splits the chunks without activations into one contiguous share per
    process (`split_evenly`, case D2) and, for each chunk of its share: reads its tokens back from the store,
    runs the model over them (all hooks from one forward, `stop_at_layer` = deepest hook + 1), casts
@@ -279,7 +280,8 @@ def write_tokens(cfg: GenerateConfig, spec: StoreSpec, tokenizer, log=print) -> 
         buffer_size=cfg.shuffle_buffer, seed=cfg.seed, per_chunk=per_chunk, state=state)
     c = stream.n_emitted // per_chunk
     if state is not None:
-        log(f"resuming the tokens of {folder} at chunk {c} ({stream.n_docs} documents already tokenised)")
+        inside = f", and {stream.doc_pos} characters of the next" if stream.doc is not None else ""
+        log(f"resuming the tokens of {folder} at chunk {c} ({stream.n_docs} documents already tokenised{inside})")
     chunks = iter(stream)
     first = next(chunks, None)  # raises "N tokens < one context" here, before the store exists
     store = store or ActivationStore.create_or_resume(folder, spec)

@@ -1,4 +1,5 @@
-"""Text -> tokens: text sources read lazily, the packing policy, and the streamed, shuffled contexts of a store."""
+"""Text -> tokens: text sources read lazily, the packing policy, the streamed, shuffled contexts of a store, and long
+documents tokenised in pieces that equal their whole-document tokenisation."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 import saetool.generate as gen
 from saetool.config import GenerateConfig
 from saetool.store.activation_store import ActivationStore, StoreError
-from tests.helpers import WORDS
+from tests.helpers import WORDS, interrupt_on_call
 
 N_WORDS = 1200
 
@@ -203,6 +203,43 @@ def test_interrupted_tokens_resume_from_the_saved_state(tiny_model_dir, text_dir
     for name in [*clean.spec.hook_names, "tokens", "mask", "commits"]:
         assert np.array_equal(resumed.group[name][:], clean.group[name][:]), name
     assert resumed.meta["packing"] == clean.meta["packing"]
+
+
+def test_a_long_document_is_stored_as_whole_document_tokenisation_and_resumes_inside(tiny_model_dir, tmp_path,
+                                                                                       monkeypatch):
+    # A 3,000-word document among short ones, read in pieces of ~200 characters (saetool.text.pieces): the store
+    # equals the oracle of whole-document tokenisation; a run killed while the long document is open resumes from the
+    # stream state saved at a seam inside it and writes the same store.
+    import saetool.text.stream as st
+    from tests.text.test_stream import oracle
+
+    rng = np.random.default_rng(5)
+    d = tmp_path / "text"
+    d.mkdir()
+    texts = [" ".join(rng.choice(WORDS, n)) for n in (40, 3000, 25)]
+    for i, t in enumerate(texts):
+        (d / f"doc{i}.txt").write_text(t)
+    for name, value in (("LONG_DOCUMENT_CHARS", 1000), ("PIECE_CHARS", 200), ("SEAM_CONTEXT_CHARS", 16)):
+        monkeypatch.setattr(st, name, value)
+    kw = {"n_chunks": 40, "shuffle_buffer": 5, "locations": ["residual"], "layers": [0]}
+    clean = gen.run_generate(config(tiny_model_dir, d, tmp_path / "clean.zarr", **kw), log=quiet)
+    tokens, mask = oracle(texts, context_size=16, n_contexts=160, buffer_size=5, seed=0)
+    assert np.array_equal(clean.group["tokens"][:], tokens) and np.array_equal(clean.group["mask"][:], mask.reshape(-1))
+    monkeypatch.setattr(gen, "STATE_SECONDS", 0.0)  # save the stream state after every chunk
+    interrupt_on_call(monkeypatch, ActivationStore, "write_tokens", 20)
+    cfg = config(tiny_model_dir, d, tmp_path / "s.zarr", **kw)
+    with pytest.raises(KeyboardInterrupt):
+        gen.run_generate(cfg, log=quiet)
+    with np.load(tmp_path / "s.zarr" / gen.STATE_FILE) as state:
+        assert int(state["document_open"]) == 1 and (chars := int(state["document_chars"])) > 0
+    monkeypatch.undo()
+    for name, value in (("LONG_DOCUMENT_CHARS", 1000), ("PIECE_CHARS", 200), ("SEAM_CONTEXT_CHARS", 16)):
+        monkeypatch.setattr(st, name, value)
+    messages = []
+    resumed = gen.run_generate(cfg, log=messages.append)
+    assert any(m.endswith(f"(1 documents already tokenised, and {chars} characters of the next)") for m in messages)
+    for name in ["tokens", "mask", "blocks.0.hook_resid_post", "commits"]:
+        assert np.array_equal(resumed.group[name][:], clean.group[name][:]), name
 
 
 def test_bad_text_sources_fail_before_the_store_exists(tiny_model_dir, tmp_path, monkeypatch):

@@ -21,10 +21,12 @@ def documents(n: int = 30, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(WORDS, int(rng.integers(0, 80)))) for _ in range(n)]
 
 
-def oracle(texts, *, context_size, n_contexts, buffer_size, seed, prepend_bos=True, concat=True):
-    """The module docstring's definition, written out plainly: pack everything, keep the first N, then the buffer."""
-    docs = tokenize_documents(texts, make_word_tokenizer())
-    packed = pack_contexts(docs, context_size, bos_token_id=BOS, sep_token_id=EOS, pad_token_id=EOS,
+def oracle(texts, *, context_size, n_contexts, buffer_size, seed, prepend_bos=True, concat=True, tokenizer=None,
+           bos=BOS, sep=EOS, pad=EOS):
+    """The module docstring's definition, written out plainly: tokenise every document whole, pack everything, keep
+    the first N, then the buffer. The word tokenizer and its ids unless given."""
+    docs = tokenize_documents(texts, tokenizer or make_word_tokenizer())
+    packed = pack_contexts(docs, context_size, bos_token_id=bos, sep_token_id=sep, pad_token_id=pad,
                            prepend_bos=prepend_bos, concat=concat, shuffle=False)
     xs = list(range(len(packed.tokens) if n_contexts is None else min(n_contexts, len(packed.tokens))))
     rng, buf, out = np.random.default_rng(seed), [], []

@@ -166,6 +166,9 @@ def fused_loss_and_grads(ensemble: SAEEnsemble, x: torch.Tensor, n_total: int, g
             gW_dec[g] += dW_enc.transpose(1, 2)
         elif low:
             gW_enc[g] = dW_enc
+        del e, g_xhat, dW_enc  # not alive into the next group's encode
+        if low:
+            del Wd_lo, We_lo
     stats["loss"] = stats["mse"] + stats["sparsity"]
     stats["fired"] = fired
     return stats

@@ -11,7 +11,7 @@ saetool.train.step):
   parameters, `init_extra`: JumpReLU's theta S, Gated's b_gate, b_mag, r_mag 3 S and no b_enc);
 - Adam: exp_avg and exp_avg_sq, 2 P, and a 4-byte step per tensor. Its update's temporaries (transient, apart from
   the step's): none for the fused variant (`make_optimizer`, CUDA), P for foreach (its sqrt(v) copy), twice the
-  largest parameter tensor for the CPU loop (sqrt(v), then its quotient);
+  largest parameter tensor for the CPU loop (sqrt(v) and its quotient) plus the previous tensor's quotient;
 - gradients: P. The fused kernel writes them in place; its data-parallel all-reduce sums them in place, every
   `.grad` a view of one flat buffer (`flat_gradients`), and DDP keeps them as views of its buckets: no second copy;
 - the batch: DeviceFeed's 2 batches ahead and the current one, B x width in the store dtype, and its float32 copy
@@ -20,7 +20,7 @@ saetool.train.step):
 The step's intermediates, one member group at a time (each group's are freed before the next), the largest of the
 phases of the fused kernel (saetool.ensemble.fused; read from its code, checked against torch.profiler's allocation
 timeline on CPU in tests/train/test_memory.py):
-    encode      pre and f                                    2 e G B S   (+ top-k values and indices G B k (e + 8))
+    encode      pre and f                                    2 e G B S   (+ top-k G B k (3 e + 8))
     statistics  f, the mask (1 byte), residual, its square   (e + 1) G B S + 8 G B D   (+ 4 G B D skip term)
     decoder     f, mask, g_xhat, dW_dec                      (e + 1) G B S + 4 G B D   (+ 4 G S D decoder_norm_l1)
     encoder     g_pre, g_xhat; then the b_dec correction     e G B S + 4 G B D; 4 G B D + 4 G I S
@@ -156,25 +156,27 @@ class MemoryEstimate:
 
 
 def gib(n: float) -> str:
-    return f"{n / GiB:.2f} GiB"
+    """A size in GiB, or in MiB below 1 GiB."""
+    return f"{n / GiB:.2f} GiB" if abs(n) >= GiB else f"{n / 2**20:.1f} MiB"
+
+
+def parameter_tensors(s: MemoryShape) -> list[int]:
+    """The bytes of each trained tensor of the run's N members (float32), in SAEEnsemble's registration order: W_dec,
+    W_enc (not tied), b_enc (its architecture has one), b_dec, W_skip, the architecture's extra parameters."""
+    arch = get_architecture(s.architecture)
+    S, I, D = s.d_sae, s.d_in, s.out
+    sizes = [S * D] + ([] if s.tied else [I * S]) + ([S] if "b_enc" in getattr(arch, "WEIGHTS", {"b_enc": ()}) else [])
+    sizes += [D] + ([D * I] if s.skip_connection else [])
+    if is_generic(arch):
+        extra, _ = arch.init_extra(1, I, S, torch.float32)
+        sizes += [t.numel() for t in extra.values()]
+    return [4 * s.n_members * n for n in sizes]
 
 
 def parameter_bytes(s: MemoryShape) -> tuple[int, int]:
-    """(bytes of the trained parameters, number of parameter tensors) of the run's N members, float32."""
-    arch = get_architecture(s.architecture)
-    S, I, D = s.d_sae, s.d_in, s.out
-    weights = getattr(arch, "WEIGHTS", {"b_enc": ()})
-    per_member = {"W_dec": S * D, "b_dec": D}
-    if not s.tied:
-        per_member["W_enc"] = I * S
-    if "b_enc" in weights:
-        per_member["b_enc"] = S
-    if s.skip_connection:
-        per_member["W_skip"] = D * I
-    if is_generic(arch):
-        extra, _ = arch.init_extra(1, I, S, torch.float32)
-        per_member.update({name: t.numel() for name, t in extra.items()})
-    return 4 * s.n_members * sum(per_member.values()), len(per_member)
+    """(bytes of the trained parameters, number of parameter tensors) of the run's N members."""
+    sizes = parameter_tensors(s)
+    return sum(sizes), len(sizes)
 
 
 def fused_intermediates(s: MemoryShape, G: int) -> int:
@@ -182,7 +184,7 @@ def fused_intermediates(s: MemoryShape, G: int) -> int:
     B, S, I, D, e = s.rows, s.d_sae, s.d_in, s.out, 4 if s.precision == "fp32" else 2
     low = s.precision != "fp32"
     gbs, gbd, gis = G * B * S, G * B * D, G * I * S
-    topk = G * B * s.k * (e + 8) if s.k else 0
+    topk = G * B * s.k * (3 * e + 8) if s.k else 0  # values, indices, their ReLU and its masked copy
     skip = 4 * gbd if s.skip_connection else 0
     weights_lo = 2 * G * S * (I + D) + (2 * G * D * I if s.skip_connection else 0) if low else 0
     g_lo = 2 * gbd if low else 0
@@ -213,14 +215,15 @@ def step_intermediates(s: MemoryShape, G: int) -> int:
 
 def adam_temporaries(s: MemoryShape) -> int:
     """The optimizer step's temporaries: none for the fused variant, a copy of every parameter for foreach (sqrt(v)),
-    two of the largest parameter tensor for the loop (sqrt(v), then its quotient)."""
+    for the loop (one tensor at a time) sqrt(v) and its quotient of one tensor while the previous tensor's quotient
+    is still referenced."""
     variant = s.adam or ("fused" if s.device_type == "cuda" else "loop")
     if variant == "fused":
         return 0
+    sizes = parameter_tensors(s)
     if variant == "foreach":
-        return parameter_bytes(s)[0]
-    largest = max(s.d_sae * s.out, 0 if s.tied else s.d_in * s.d_sae, s.out * s.d_in if s.skip_connection else 0)
-    return 2 * 4 * s.n_members * largest
+        return sum(sizes)
+    return max(2 * size + (sizes[i - 1] if i else 0) for i, size in enumerate(sizes))
 
 
 def resample_group(group: int, rows: int, global_rows: int, n_members: int) -> int:

@@ -16,7 +16,7 @@ import torch
 
 from saetool.config import SweepConfig
 from saetool.saes import get_architecture
-from saetool.store import ActivationStore
+from saetool.store import ActivationStore, StoreError
 from saetool.train.memory import (
     MemoryEstimate,
     MemoryShape,
@@ -34,11 +34,12 @@ CPU_MEMBER_GROUP = 4  # --member_group 0 on the CPU (docs/benchmarks.md)
 
 @dataclass
 class Plan:
-    """The plan of runs trained together: each run's shape and member group, their combined estimate, the lines to
-    print, and the refusal (one line; None when the runs fit or the device is not CUDA)."""
+    """The plan of runs trained together: the shapes of the runs with members on this rank, each run's member group
+    (None: an idle run, or the runtime's default), their combined estimate, the lines to print, and the refusal (one
+    line; None when the runs fit or the device is not CUDA)."""
 
     shapes: list[MemoryShape]
-    groups: list[int]
+    groups: list[int | None]
     estimate: MemoryEstimate
     lines: list[str]
     refusal: str | None = None
@@ -90,7 +91,8 @@ def plan_runs(cfgs: list[SweepConfig], shares: list[range | None], dist: Dist, c
     else:  # a simulated CUDA device with bf16
         precision = "bf16" if cfg.step_precision == "auto" else cfg.step_precision
     device_type = "cuda" if cuda else torch.device(cfg.device).type
-    shapes = [run_shape(c, store, dist, share, precision, device_type) for c, share in zip(cfgs, shares, strict=True)]
+    held = [i for i, share in enumerate(shares) if share is None or len(share)]  # an idle run holds nothing
+    shapes = [run_shape(cfgs[i], store, dist, shares[i], precision, device_type) for i in held]
     lines, groups, free = [], [s.group for s in shapes], None
     if cuda:
         free = cuda_free if cuda_free is not None else device_free(cfg.device)
@@ -98,17 +100,25 @@ def plan_runs(cfgs: list[SweepConfig], shares: list[range | None], dist: Dist, c
             group, why = auto_member_group(shapes, free)
             groups = [min(group, s.n_members) for s in shapes]
             lines.append(f"member group: auto chose {group} of {max(s.n_members for s in shapes)} members: {why}")
+    if not shapes:
+        return Plan([], [None] * len(cfgs), MemoryEstimate(), ["memory per rank: no member on this rank"])
     estimate = combine([estimate_memory(s, g) for s, g in zip(shapes, groups, strict=True)])
     device = cfg.device if cuda_free is None else "a CUDA device"
     lines.insert(0, estimate.line(device))
-    return Plan(shapes, groups, estimate, lines, refusal(estimate, free, device, shapes) if cuda else None)
+    by_run = [None] * len(cfgs)
+    for i, g in zip(held, groups, strict=True):
+        by_run[i] = g
+    return Plan(shapes, by_run, estimate, lines, refusal(estimate, free, device, shapes) if cuda else None)
 
 
 def check_runs(cfgs: list[SweepConfig], shares: list[range | None], dist: Dist, log=print,
                cuda_free: int | None = None) -> list[int | None]:
     """Before training: print the plan's lines and return each run's member group on CUDA (None elsewhere: the
     runtime's default); ValueError (one line, on every rank alike) when the runs cannot fit on a CUDA device."""
-    plan = plan_runs(cfgs, shares, dist, cuda_free)
+    try:
+        plan = plan_runs(cfgs, shares, dist, cuda_free)
+    except (StoreError, ValueError):  # a run setup_run refuses: it says why, in its own order of checks
+        return [None] * len(cfgs)
     for line in plan.lines:
         log(line)
     cuda = cuda_free is not None or torch.device(cfgs[0].device).type == "cuda"

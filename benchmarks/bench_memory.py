@@ -113,18 +113,23 @@ def gpu_table(free: int = 79 * GiB) -> list[dict]:
                     rows.append({"d_in": d_in, "d_sae": d_sae, "precision": precision, "mode": mode,
                                  "members_per_rank": shape.n_members, "rows_per_rank": shape.rows,
                                  "fixed": auto.fixed, "group": group, "intermediates": auto.transient["step intermediates"],
-                                 "total": auto.total, "one_group_total": whole.total, "fits": auto.total <= free})
+                                 "training": auto.training, "evaluation": auto.evaluation,
+                                 "one_group": whole.training, "fits": auto.total <= free})
     return rows
 
 
 def _markdown_table(rows: list[dict]) -> str:
-    head = ("| d_in | d_sae | precision | processes | members / rows per rank | parameters + Adam + gradients + batch "
-            "| auto group (80 GB) | intermediates | total per rank | all members in one group |\n"
-            "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|")
-    body = [f"| {r['d_in']} | {r['d_sae'] // 1024}k | {r['precision']} | {r['mode'] if r['mode'] == '1 GPU' else '8 GPUs, ' + r['mode']} "
-            f"| {r['members_per_rank']} / {r['rows_per_rank']} | {r['fixed'] / GiB:.1f} GiB | {r['group']} "
-            f"| {r['intermediates'] / GiB:.1f} GiB | {r['total'] / GiB:.1f} GiB{'' if r['fits'] else ' (does not fit)'} "
-            f"| {r['one_group_total'] / GiB:.1f} GiB |" for r in rows]
+    head = ("| d_in | d_sae | precision | processes | members / rows per rank | parameters + Adam + gradients + "
+            "batch | auto group | step intermediates | training per rank | rank 0's evaluation | training with "
+            "all members in one group |\n|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    body = []
+    for r in rows:
+        where = r["mode"] if r["mode"] == "1 GPU" else "8 GPUs, " + r["mode"]
+        fits = "" if r["fits"] else " (does not fit)"
+        body.append(f"| {r['d_in']} | {r['d_sae'] // 1024}k | {r['precision']} | {where} | {r['members_per_rank']} / "
+                    f"{r['rows_per_rank']} | {r['fixed'] / GiB:.1f} GiB | {r['group']} | {r['intermediates'] / GiB:.1f} "
+                    f"GiB | {r['training'] / GiB:.1f} GiB{fits} | {r['evaluation'] / GiB:.1f} GiB | "
+                    f"{r['one_group'] / GiB:.1f} GiB |")
     return "\n".join([head, *body])
 
 

@@ -290,8 +290,12 @@ def refusal(estimate: MemoryEstimate, free: int, device: str, shapes: list[Memor
         return None
     parts = ", ".join(f"{k} {gib(v)}" for k, v in sorted(estimate.parts().items(), key=lambda kv: -kv[1])[:4])
     one = combine([estimate_memory(s, 1) for s in shapes])
-    if estimate.group > 1 and one.total <= free:
-        fix = f"--member_group 1 fits ({gib(one.total)}); or lower --member_group (now {estimate.group})"
+    if one.total <= free:
+        fix = (f"lower --member_group (now {estimate.group}; 1 needs {gib(one.total)}) or leave it 0 (auto), or split "
+               "the members across processes with --parallel members")
+    elif one.fixed <= free:
+        fix = (f"even --member_group 1 needs {gib(one.total)}: lower --batch_size, or use more processes (fewer rows "
+               "each with --parallel data, fewer members each with --parallel members)")
     else:
         fix = (f"parameters, Adam and gradients alone need {gib(one.fixed)}: split the members across processes "
                "with --parallel members, and use more processes")

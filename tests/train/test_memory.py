@@ -26,6 +26,7 @@ from saetool.train.memory import (
     auto_member_group,
     estimate_memory,
     fused_intermediates,
+    refusal,
     step_intermediates,
 )
 from saetool.train.step import autograd_step_fn, make_optimizer
@@ -166,6 +167,20 @@ def test_auto_member_group_by_hand():
         assert auto_member_group([shape], free)[0] == expected, room
 
 
+def test_refusal_names_what_to_change():
+    shape = MemoryShape(d_in=10, d_sae=1000, n_members=8, rows=1000, member_group=8, device_type="cuda")
+    fixed, per_member = estimate_memory(shape, 1).fixed, 8 * 1000 * 1000
+    at = {g: estimate_memory(shape, g) for g in (1, 8)}
+    assert refusal(at[8], at[8].total, "cuda:0", [shape]) is None
+    line = refusal(at[8], at[1].total, "cuda:0", [shape])  # group 1 fits
+    assert "lower --member_group (now 8; 1 needs" in line and "--parallel members" in line
+    line = refusal(at[1], fixed + per_member // 2, "cuda:0", [shape])  # the state fits, one member's step does not
+    assert "even --member_group 1 needs" in line and "--batch_size" in line
+    line = refusal(at[1], fixed // 2, "cuda:0", [shape])  # the state alone does not fit
+    assert "parameters, Adam and gradients alone need" in line and "--parallel members" in line
+    assert all("\n" not in refusal(at[1], free, "cuda:0", [shape]) for free in (0, fixed))
+
+
 @pytest.fixture
 def small_store(tmp_path):
     return write_store(tmp_path / "acts.zarr", torch.randn(4096, 64), 32, 1024, dtype="float16")
@@ -187,7 +202,7 @@ def test_refusal_on_a_small_cuda_device(small_store, tmp_path):
     # an explicit group too large for the device; member group 1 fits and is named
     cfg = sweep_cfg(tmp_path, member_group=16)
     one = plan_runs([sweep_cfg(tmp_path, member_group=1)], [None], Dist(), cuda_free=2**40).estimate.total
-    with pytest.raises(ValueError, match=r"--member_group 1 fits .* or lower --member_group \(now 16\)"):
+    with pytest.raises(ValueError, match=r"lower --member_group \(now 16; 1 needs .*\) or leave it 0 \(auto\)"):
         check_runs([cfg], [None], Dist(), log=lambda *_: None, cuda_free=one + 1)
     # auto picks from the free memory and says so
     lines = []

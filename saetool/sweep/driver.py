@@ -52,8 +52,9 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict | None:
     rank 0 (None on other ranks).
 
     Raises StoreError/ValueError (one line) for a missing/incomplete/foreign store, an unknown hook, an
-    output_dir that already holds a finished sweep (or an unfinished one without --resume), or a checkpoint
-    made with other settings; nothing is written in those cases.
+    output_dir that already holds a finished sweep (or an unfinished one without --resume), a checkpoint
+    made with other settings, or a run that cannot fit on its CUDA device (saetool.train.check_runs); nothing is
+    written in those cases. With --plan, prints the memory estimate and returns it (`plan_sweep`), writing nothing.
     """
     cfg.validate()
     if cfg.plan:

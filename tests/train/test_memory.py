@@ -29,7 +29,7 @@ from saetool.train.memory import (
     refusal,
     step_intermediates,
 )
-from saetool.train.step import autograd_step_fn, make_optimizer
+from saetool.train.step import autograd_step_fn, flat_gradients, make_optimizer
 from saetool.util import Dist
 from tests.synthetic import write_store
 
@@ -133,6 +133,19 @@ def test_autograd_intermediates_against_the_allocation_timeline(case, precision)
     measured = peak_bytes(lambda: train_step(ens, opt, x, step_fn=fn, member_group=group))
     estimate = step_intermediates(shape, group)
     assert abs(measured / estimate - 1) < 0.15, (measured, estimate)
+
+
+def test_flat_gradients_are_views_of_one_buffer():
+    # the data-parallel all-reduce sums this buffer in place: every gradient must be a view of it, in order
+    ens, _ = ensemble_and_shape("skip_transcoder", 3, 8, 32, 16, 2)
+    flat = flat_gradients(ens)
+    sizes = [p.numel() for p in ens.parameters()]
+    assert flat.numel() == sum(sizes) and flat_gradients(ens).data_ptr() == flat.data_ptr()
+    x, y = batch(ens, 16)
+    fused_loss_and_grads(ens, x, 16, 2, target=y)
+    assert torch.equal(flat, torch.cat([p.grad.reshape(-1) for p in ens.parameters()]))
+    flat.mul_(2)  # what the all-reduce does to it, seen by every .grad
+    assert torch.equal(flat, torch.cat([p.grad.reshape(-1) for p in ens.parameters()]))
 
 
 def test_adam_update_temporaries_of_the_cpu_loop():

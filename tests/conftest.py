@@ -16,6 +16,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
+import torch
 
 from tests.helpers import make_tiny_llama_dir
 
@@ -47,3 +48,13 @@ def smollm2():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes tens of seconds (deselect with -m 'not slow')")
+    config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (docs/distributed.md#memory)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)

@@ -118,7 +118,8 @@ class SweepConfig:
     (fused where the architecture has it)."""
     member_group: int = 0
     """Members per batched matmul in the fused kernel, and per forward/backward on the autograd path (not under
-    DDP); 0 = auto (all on CUDA, 4 on CPU; see docs/benchmarks.md)."""
+    DDP); 0 = auto (on CUDA the most whose step intermediates fit in half the free memory, docs/distributed.md#memory;
+    4 on CPU, docs/benchmarks.md)."""
     compile: bool | None = None
     """torch.compile the step; None = auto: on CUDA, and on CPU for fused-kernel runs of >= 100 steps (compiling
     costs tens of seconds once; see docs/benchmarks.md)."""
@@ -139,6 +140,9 @@ class SweepConfig:
     """Save weights, Adam state and data position every N steps (0 = never) to OUTPUT_DIR/checkpoint/."""
     resume: bool = False
     """Continue from OUTPUT_DIR/checkpoint/ (same settings) to exactly the uninterrupted result."""
+    plan: bool = False
+    """Print the memory estimate per rank (parameters, Adam state, gradients, the step's intermediates, the loader) and
+    the member group, whether it fits on CUDA, then exit: nothing is trained or written (docs/distributed.md#memory)."""
 
     @property
     def data(self) -> DataSection:
@@ -272,7 +276,7 @@ SECTIONS = {
     "training": ("adam_lr", "n_repetitions", "lr_warmup_steps", "l1_warmup_steps", "lr_decay_steps",
                  "grad_clip_norm", "dead_window", "resample_every"),
     "runtime": ("device", "parallel", "kernel", "member_group", "compile", "precision", "autocast",
-                "checkpoint_every", "resume"),
+                "checkpoint_every", "resume", "plan"),
     "output": ("output_dir", "save_after_every", "report", "report_contexts", "wandb_project", "config", "ensembles"),
 }
 

@@ -13,7 +13,8 @@ from saetool.ensemble.recipes import (
     lr_multiplier,
     normalization_factor,
     resample_dead_latents,
+    squared_errors,
 )
 from saetool.ensemble.stack import SAEEnsemble, loss_and_stats, train_step
 
-__all__ = ['FUSED_ARCHITECTURES', 'DeadLatentTracker', 'SAEEnsemble', 'clip_grad_norm_per_member', 'coefficient_multiplier', 'fold_normalization', 'fused_loss_and_grads', 'geometric_median', 'loss_and_stats', 'lr_multiplier', 'normalization_factor', 'resample_dead_latents', 'train_step']
+__all__ = ['FUSED_ARCHITECTURES', 'DeadLatentTracker', 'SAEEnsemble', 'clip_grad_norm_per_member', 'coefficient_multiplier', 'fold_normalization', 'fused_loss_and_grads', 'geometric_median', 'loss_and_stats', 'lr_multiplier', 'normalization_factor', 'resample_dead_latents', 'squared_errors', 'train_step']

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import torch
 
+from saetool.ensemble.recipes import nonzero_count
 from saetool.ensemble.stack import SAEEnsemble
 from saetool.saes import FUSED_ARCHITECTURES
 
@@ -120,7 +121,7 @@ def fused_loss_and_grads(ensemble: SAEEnsemble, x: torch.Tensor, n_total: int, g
             e.sub_(y)                                                                      # x_hat - y
         stats["mse"][g] = e.pow(2).sum((1, 2)) / (n_total * d)
         active = f > 0
-        stats["l0"][g] = active.sum((1, 2)).float() / n_total
+        stats["l0"][g] = nonzero_count(f) / n_total
         fired[g] = active.any(1)
         # the L1 weight of latent i: 1, or ||W_dec_i|| with decoder_norm_l1
         norms = Wd.norm(dim=-1) if ensemble.decoder_norm_l1 else None                      # [G, S]
@@ -136,7 +137,7 @@ def fused_loss_and_grads(ensemble: SAEEnsemble, x: torch.Tensor, n_total: int, g
             g_pre = torch.bmm(g_xhat_lo, Wd_lo.transpose(1, 2))                              # bf16 g_f
             del g_xhat_lo
         else:
-            gW_dec[g] = torch.bmm(f.transpose(1, 2), g_xhat)
+            torch.bmm(f.transpose(1, 2), g_xhat, out=gW_dec[g])                              # written in place
             del f
             g_pre = torch.bmm(g_xhat, Wd.transpose(1, 2))                                   # g_f [G, B, S]
         if l1 is not None:
@@ -144,10 +145,13 @@ def fused_loss_and_grads(ensemble: SAEEnsemble, x: torch.Tensor, n_total: int, g
             g_pre.add_((c if norms is None else c * norms).unsqueeze(1).to(g_pre.dtype))
             if norms is not None:  # d/dW_dec_i of l1 sum_b f_bi ||W_dec_i|| / n
                 gW_dec[g] += (c * f_sum / norms.clamp_min(1e-12)).unsqueeze(-1) * Wd
-        g_pre.mul_(active)
+        g_pre.masked_fill_(active.logical_not_(), 0)                                        # no float mask copy
         del active
         s = g_pre.sum(1, dtype=Wd.dtype)                                                     # [G, S]
-        dW_enc = torch.matmul(xt, g_pre).to(Wd.dtype)                                        # [G, d_in, S]
+        if low or gW_enc is None:
+            dW_enc = torch.matmul(xt, g_pre).to(Wd.dtype)                                    # [G, d_in, S]
+        else:  # written in place into the gradient
+            dW_enc = torch.matmul(xt, g_pre, out=gW_enc[g])
         del g_pre
         gb_enc[g] = s
         if tc:
@@ -160,8 +164,11 @@ def fused_loss_and_grads(ensemble: SAEEnsemble, x: torch.Tensor, n_total: int, g
             W_skip.grad[g] = torch.matmul(g_lo.transpose(1, 2), x_lo).to(Wd.dtype)
         if gW_enc is None:
             gW_dec[g] += dW_enc.transpose(1, 2)
-        else:
+        elif low:
             gW_enc[g] = dW_enc
+        del e, g_xhat, dW_enc  # not alive into the next group's encode
+        if low:
+            del Wd_lo, We_lo
     stats["loss"] = stats["mse"] + stats["sparsity"]
     stats["fired"] = fired
     return stats

@@ -124,6 +124,18 @@ def decoder_weighted_l1(f: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
     return (f.abs() * W_dec.norm(dim=-1).unsqueeze(-2)).sum(-1)
 
 
+# ---- statistics -----------------------------------------------------------------------------------------------
+
+def nonzero_count(f: torch.Tensor) -> torch.Tensor:
+    """The non-zero entries of f [n_members, batch, d_sae] per member, float32 [n_members], without an integer copy
+    of f (the sum of a bool mask casts it whole to int64: 8 bytes per entry, twice an fp32 f). vector_norm's ord 0
+    counts inside the reduction; a bf16 f (whose count would round to bf16) is cast to float32 one member at a time
+    (one [batch, d_sae] copy). Equals the int64 count converted to float32 (exactly while it is below 2^24)."""
+    if f.dtype in (torch.float32, torch.float64):
+        return torch.linalg.vector_norm(f, ord=0, dim=(-2, -1)).float()
+    return torch.stack([torch.linalg.vector_norm(m, ord=0, dtype=torch.float32) for m in f])
+
+
 # ---- gradient clipping ------------------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -132,7 +144,8 @@ def clip_grad_norm_per_member(params: Iterable[torch.Tensor], max_norm: float) -
     leading axis of every parameter is the member axis): the same as torch.nn.utils.clip_grad_norm_ on each member
     trained alone. Returns the norms before clipping [n_members]."""
     grads = [p.grad for p in params if p.grad is not None]
-    norms = torch.stack([g.flatten(1).pow(2).sum(-1) for g in grads]).sum(0).sqrt()
+    # per tensor, then over tensors (as torch.nn.utils.clip_grad_norm_): no squared copy of the gradients
+    norms = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=-1) for g in grads]), dim=0)
     factor = (max_norm / (norms + 1e-6)).clamp(max=1.0)
     for g in grads:
         g.mul_(factor.view(-1, *([1] * (g.dim() - 1))))
@@ -171,10 +184,16 @@ class DeadLatentTracker:
 RESAMPLE_ENCODER_SCALE = 0.2
 
 
+def squared_errors(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """||x_hat[m, b] - x_b||^2, float64 [N, B], of reconstructions x_hat [N, B, d] of rows x [B, d]."""
+    return (x_hat - x.unsqueeze(0)).pow(2).sum(-1).double()
+
+
 @torch.no_grad()
 def resample_dead_latents(W_enc: torch.Tensor, W_dec: torch.Tensor, b_enc: torch.Tensor, dead: torch.Tensor,
-                          x: torch.Tensor, x_hat: torch.Tensor, generators: list[torch.Generator],
-                          optimizer: torch.optim.Optimizer | None = None) -> torch.Tensor:
+                          x: torch.Tensor, x_hat: torch.Tensor | None, generators: list[torch.Generator],
+                          optimizer: torch.optim.Optimizer | None = None, err: torch.Tensor | None = None
+                          ) -> torch.Tensor:
     """Neuron resampling (Bricken et al. 2023, "Towards Monosemanticity", appendix "Neuron Resampling"), in place.
 
     For member m, every dead latent i gets an input row x_b drawn with probability proportional to the squared
@@ -186,10 +205,13 @@ def resample_dead_latents(W_enc: torch.Tensor, W_dec: torch.Tensor, b_enc: torch
     push the new latent back. Restart the learning-rate warm-up afterwards (case T4, saetool.ensemble.recipes.lr_multiplier).
 
     Shapes: W_enc [N, d_in, d_sae], W_dec [N, d_sae, d_in], b_enc [N, d_sae], dead [N, d_sae] bool, x [B, d_in],
-    x_hat [N, B, d_in]. A tied W_enc (a view of W_dec) is set through W_dec only. Returns the number resampled [N].
+    x_hat [N, B, d_in], or instead err [N, B] float64, the squared errors ||x_hat[m, b] - x_b||^2 (x_hat None: a
+    caller that encodes the members in groups need not hold every member's x_hat). A tied W_enc (a view of W_dec) is
+    set through W_dec only. Returns the number resampled [N].
     """
     tied = W_enc.data_ptr() == W_dec.data_ptr()
-    err = (x_hat - x.unsqueeze(0)).pow(2).sum(-1).double()                      # [N, B]
+    if err is None:
+        err = squared_errors(x_hat, x)                                          # [N, B]
     counts = dead.sum(-1)
     for m in range(dead.shape[0]):
         idx = dead[m].nonzero().squeeze(-1)

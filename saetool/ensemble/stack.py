@@ -26,7 +26,7 @@ import math
 import torch
 from torch import nn
 
-from saetool.ensemble.recipes import auxk_loss, clip_grad_norm_per_member, decoder_weighted_l1
+from saetool.ensemble.recipes import auxk_loss, clip_grad_norm_per_member, decoder_weighted_l1, nonzero_count
 from saetool.saes import (
     check_transcoder,
     get_architecture,
@@ -326,9 +326,8 @@ def loss_and_stats(model: nn.Module, ensemble: SAEEnsemble, x: torch.Tensor, n_t
         losses["auxk"] = aux
         losses["loss"] = losses["loss"] + ensemble.auxk_coefficient * aux
     stats = {k: v.detach() for k, v in losses.items()}
-    nonzero = f.detach() != 0
-    stats["l0"] = nonzero.sum(-1).sum(-1).float() / n_total
-    stats["fired"] = nonzero.any(-2)
+    stats["l0"] = nonzero_count(f.detach()) / n_total
+    stats["fired"] = (f.detach() != 0).any(-2)
     return losses["loss"].sum() * loss_scale, stats
 
 

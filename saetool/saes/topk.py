@@ -28,7 +28,7 @@ def activation(pre: torch.Tensor, hp: dict[str, torch.Tensor]) -> torch.Tensor:
     k_max = int(hp["k_max"]) if "k_max" in hp else int(k.max())   # a Python int keeps torch.compile graph-whole
     values, indices = pre.topk(k_max, dim=-1, sorted=True)
     keep = torch.arange(k_max, device=pre.device) < k.reshape(k.shape + (1,) * (pre.dim() - k.dim()))
-    return torch.zeros_like(pre).scatter(-1, indices, torch.relu(values) * keep)
+    return torch.zeros_like(pre).scatter_(-1, indices, torch.relu(values) * keep)  # in place: no second copy
 
 
 def sparsity_loss(f: torch.Tensor, hp: dict[str, torch.Tensor]) -> torch.Tensor:

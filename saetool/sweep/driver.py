@@ -43,7 +43,7 @@ from saetool.sweep.multihook import (
     saved_ensembles,
     write_hooks_index,
 )
-from saetool.train import read_saved, save_members, setup_run, train_runs
+from saetool.train import check_runs, plan_runs, read_saved, save_members, setup_run, train_runs
 from saetool.util import Dist, writer_lock
 
 
@@ -52,10 +52,13 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict | None:
     rank 0 (None on other ranks).
 
     Raises StoreError/ValueError (one line) for a missing/incomplete/foreign store, an unknown hook, an
-    output_dir that already holds a finished sweep (or an unfinished one without --resume), or a checkpoint
-    made with other settings; nothing is written in those cases.
+    output_dir that already holds a finished sweep (or an unfinished one without --resume), a checkpoint
+    made with other settings, or a run that cannot fit on its CUDA device (saetool.train.check_runs); nothing is
+    written in those cases. With --plan, prints the memory estimate and returns it (`plan_sweep`), writing nothing.
     """
     cfg.validate()
+    if cfg.plan:
+        return plan_sweep(cfg, log)
     with writer_lock(cfg.output_dir, "output_dir", Dist.current()):
         if cfg.ensembles:
             return _run_config(cfg, log)
@@ -119,7 +122,8 @@ def _train_group(subs: list[SweepConfig], shares: list[range | None], log) -> li
     split); then, with the training state freed, finish each on rank 0 (held-out pass, sweep.json, report). Returns
     each ensemble's index (None on other ranks)."""
     dist = Dist.current()
-    runs = [setup_run(sub, dist, log, share) for sub, share in zip(subs, shares, strict=True)]
+    groups = check_runs(subs, shares, dist, log)  # the memory estimate; on CUDA the member group, or a refusal
+    runs = [setup_run(sub, dist, log, share, group) for sub, share, group in zip(subs, shares, groups, strict=True)]
     trained = train_runs(runs, log)
     saved = [_save(run, t) for run, t in zip(runs, trained, strict=True)]
     del runs, trained  # the ensembles, their Adam state and the loaders go before the evaluation and the report
@@ -138,6 +142,33 @@ def _save(run, trained) -> SavedRun | None:
     if index is None:
         return None
     return SavedRun(run.cfg, run.out, index, run.store, run.hook, run.target, run.eval_rows, trained.logger)
+
+
+def plan_sweep(cfg: SweepConfig, log=print, cuda_free: int | None = None) -> dict:
+    """--plan: print the memory plan of every group of ensembles `cfg` trains together (one hook; the hooks of a
+    multi-hook sweep; each --config entry) and return {"plan": {name: {"bytes", "parts", "host_bytes", "member_group",
+    "fits"}}}. Reads the store's metadata only: no lock is taken, nothing is trained or written. cuda_free: simulate
+    a CUDA device with that many bytes free (saetool.train.plan_runs)."""
+    dist, out = Dist.current(), {}
+    for name, sub in ensemble_configs(cfg) if cfg.ensembles else [("sweep", cfg)]:
+        subs, shares = [sub], [None]
+        if several_hooks(sub):
+            refuse_flags(sub)
+            store = ActivationStore.open(sub.dataset_dir)
+            subs = [dataclasses.replace(sub, hook_name=h, target_hook=t) for h, t in hook_pairs(sub, store)]
+            shares = member_shares(subs, store, dist)
+        plan = plan_runs(subs, shares, dist, cuda_free)
+        prefix = "" if name == "sweep" else f"ensemble {name}: "
+        for line in plan.lines:
+            log(prefix + line)
+        verdict = "fits" if plan.refusal is None else f"does not fit: {plan.refusal}"
+        on_cuda = cuda_free is not None or plan.shapes and plan.shapes[0].device_type == "cuda"
+        log(prefix + (verdict if on_cuda else "on the CPU the estimate is only printed (no run is refused)"))
+        out[name] = {"bytes": plan.estimate.total, "parts": plan.estimate.parts(), "host_bytes":
+                     sum(plan.estimate.host.values()), "member_group": max((g or 0) for g in plan.groups),
+                     "fits": plan.refusal is None}
+    log("--plan: nothing was trained or written")
+    return {"plan": out}
 
 
 def _refuse_finished(out: Path) -> None:

@@ -14,11 +14,18 @@ from dataclasses import dataclass
 
 import torch
 
-from saetool.ensemble import DeadLatentTracker, coefficient_multiplier, lr_multiplier, resample_dead_latents
+from saetool.ensemble import (
+    DeadLatentTracker,
+    coefficient_multiplier,
+    lr_multiplier,
+    resample_dead_latents,
+    squared_errors,
+)
 from saetool.saes import get_architecture
 from saetool.train.checkpoint import fingerprint, load_checkpoint
 from saetool.train.feed import device_batches, run_batch, shared_loader
 from saetool.train.logs import TrainLogger
+from saetool.train.memory import resample_group
 from saetool.train.outputs import save_sweep
 from saetool.train.setup import SweepRun
 from saetool.train.step import Step, choose_step
@@ -68,7 +75,8 @@ def train_runs(runs: list[SweepRun], log=print) -> list[Trained]:
     run0 = runs[0]
     states = [load_checkpoint(run, log) for run in runs]
     steps = [None if run.idle else choose_step(run.runtime, run.ensemble, run.optimizer, run.dist, run.data_parallel,
-                                               run.total_steps, run.grad_clip_norm, (state or {}).get("precision"))
+                                               run.total_steps, run.grad_clip_norm, (state or {}).get("precision"),
+                                               run.member_group)
              for run, state in zip(runs, states)]
     loader, columns = shared_loader(runs)
     for run, step in zip(runs, steps):
@@ -134,7 +142,7 @@ class RunTrainer:
             fired = stats.pop("fired")
         at.steps += 1
         if tracker is not None:
-            _track_dead(run, tracker, fired, x, at.steps, self.log)
+            _track_dead(run, tracker, fired, x, at.steps, self.log, (self.step.members_per_pass, len(x_local)))
         at.tokens += len(x)
         self.trained_here += len(x)
         self.logger.step(stats, at.steps, at.tokens, len(x), lr)
@@ -235,30 +243,37 @@ def _set_schedules(run: SweepRun, steps: int, restarts) -> float:
 
 
 def _track_dead(run: SweepRun, tracker: DeadLatentTracker, fired: torch.Tensor, x: torch.Tensor, steps: int,
-                log) -> None:
-    """Advance the dead-latent counters by the global batch x; resample every --resample_every steps."""
+                log, group: tuple[int, int]) -> None:
+    """Advance the dead-latent counters by the global batch x; resample every --resample_every steps. group: (members
+    per forward of the step, this rank's rows of the batch), which bound resampling's member group."""
     if run.data_parallel:
         fired = run.dist.all_reduce_sum(fired.int()) > 0
     tracker.update_fired(fired, len(x))
     if run.training.resample_every and steps % run.training.resample_every == 0 and steps < run.total_steps:
-        _resample(run, x.to(run.runtime.device).float() * run.scale, tracker, steps, log)
+        _resample(run, x.to(run.runtime.device).float() * run.scale, tracker, steps, log, *group)
 
 
 @torch.no_grad()
-def _resample(run: SweepRun, x: torch.Tensor, tracker: DeadLatentTracker, step: int, log) -> None:
+def _resample(run: SweepRun, x: torch.Tensor, tracker: DeadLatentTracker, step: int, log, group: int,
+              x_local_rows: int) -> None:
     """Resample this rank's members' dead latents on the full batch x (every rank holds it, so data-parallel
     ranks agree); member i draws from its own generator seeded by (seed, step, i), so the result does not
-    depend on how members are split across ranks. The dead latents then count as fresh."""
+    depend on how members are split across ranks. The dead latents then count as fresh. The members are encoded a
+    group at a time (saetool.train.memory.resample_group: no more [members, rows, d_sae] at once than the step's)."""
     ensemble, dead = run.ensemble, tracker.dead
     if not dead.any():
         return
     buffers = {n: getattr(ensemble, n).clone() for n in ensemble.buffer_names}
-    x_hat, _ = ensemble(x)  # the training forward (BatchTopK: batch top-k), without its buffer update:
-    for n, value in buffers.items():
-        getattr(ensemble, n).copy_(value)
+    errors = []
+    n, size = ensemble.n_members, resample_group(group, x_local_rows, len(x), ensemble.n_members)
+    for start in range(0, n, size):  # the training forward (BatchTopK: batch top-k), a member group at a time
+        with ensemble.members(slice(start, min(n, start + size))):
+            errors.append(squared_errors(ensemble(x)[0], x))
+    for name, value in buffers.items():  # without the forward's buffer update
+        getattr(ensemble, name).copy_(value)
     generators = [torch.Generator().manual_seed(run.data.seed * 1_000_003 + step * 65_537 + i) for i in run.local]
     W_enc = ensemble.W_enc if ensemble.tied else ensemble.W_enc_param
-    counts = resample_dead_latents(W_enc, ensemble.W_dec, ensemble.b_enc, dead, x, x_hat, generators,
-                                   run.optimizer)
+    counts = resample_dead_latents(W_enc, ensemble.W_dec, ensemble.b_enc, dead, x, None, generators,
+                                   run.optimizer, err=torch.cat(errors))
     tracker.since[dead] = 0
     log(f"step {step}: resampled {int(counts.sum())} dead latents ({counts.tolist()} per member)")

@@ -30,6 +30,7 @@ from saetool.saes import get_architecture
 from saetool.saved import INDEX_FILE
 from saetool.store import ActivationStore, BatchLoader, StoreError
 from saetool.train.checkpoint import Checkpointer
+from saetool.train.step import make_optimizer
 from saetool.util import Dist, split_evenly
 
 
@@ -39,7 +40,8 @@ class SweepRun:
     idle run, whose ensemble and optimizer are None: a member-parallel rank of a multi-hook sweep holding none of
     this hook's members, which still takes part in the run's collectives); `scale` multiplies every input row
     (normalize_activations; folded into the saved weights); `target` is a transcoder's output hook (None for SAEs):
-    the loader's batches then hold [x_in | x_out] side by side."""
+    the loader's batches then hold [x_in | x_out] side by side; `member_group` the group the memory plan chose
+    (saetool.train.plan; None: the runtime's default)."""
 
     cfg: SweepConfig
     dist: Dist
@@ -58,6 +60,7 @@ class SweepRun:
     checkpointer: Checkpointer
     scale: float = 1.0
     target: str | None = None
+    member_group: int | None = None
 
     @functools.cached_property
     def data(self) -> DataSection:
@@ -146,9 +149,11 @@ def architecture_options(cfg: SweepConfig) -> dict:
     return options
 
 
-def setup_run(cfg: SweepConfig, dist: Dist, log=print, local: range | None = None) -> SweepRun:
+def setup_run(cfg: SweepConfig, dist: Dist, log=print, local: range | None = None,
+              member_group: int | None = None) -> SweepRun:
     """Build the run `cfg` describes on this rank. `local` overrides this rank's members with --parallel members
-    (saetool.sweep.multihook's cost-balanced shares; may be empty: an idle run). Raises StoreError/ValueError (one line)
+    (saetool.sweep.multihook's cost-balanced shares; may be empty: an idle run); `member_group` the step's member
+    group (the memory plan's, saetool.train.plan). Raises StoreError/ValueError (one line)
     for a missing, incomplete or foreign store, an unknown hook, a ratio giving d_sae 0, fewer members than
     processes with --parallel members, or an output_dir that holds a finished sweep (or an unfinished one without
     --resume)."""
@@ -186,9 +191,9 @@ def setup_run(cfg: SweepConfig, dist: Dist, log=print, local: range | None = Non
                                k_aux=cfg.k_aux, d_out=None if target is None else store.width(target),
                                skip_connection=cfg.skip_connection).to(cfg.device)
         scale = _initialise(ensemble, cfg, store, hook, train_rows, log, target)
-        optimizer = torch.optim.Adam(ensemble.parameters(), lr=cfg.adam_lr)
+        optimizer = make_optimizer(ensemble.parameters(), cfg.adam_lr)
     run = SweepRun(cfg, dist, out, store, hook, hyper, local, by_members, cfg.parallel == "data" and dist.active,
-                   train_rows, eval_rows, ensemble, optimizer, loader, checkpointer, scale, target)
+                   train_rows, eval_rows, ensemble, optimizer, loader, checkpointer, scale, target, member_group)
     if cfg.lr_decay_steps > run.total_steps:
         raise ValueError(f"--lr_decay_steps {cfg.lr_decay_steps} is more than this run's {run.total_steps} steps "
                          f"({loader.n_rows} rows / batch {cfg.batch_size} x {cfg.n_repetitions} repetitions)")

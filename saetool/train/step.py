@@ -9,10 +9,12 @@
   and CPUs whose measured bf16 `torch.mm` beats fp32 by 1.2x (AVX512-BF16/AMX); every rank must agree, so
   data-parallel ranks pick bf16 only if all of them would.
 - compile: `torch.compile` the step; auto = on CUDA, and on CPU for fused runs of >= CPU_COMPILE_MIN_STEPS.
-- member_group: members per batched matmul (0 = all on CUDA, 4 on CPU; see docs/benchmarks.md).
+- member_group: members per batched matmul (0 = auto: on CUDA from the free memory, saetool.train.plan; 4 on CPU; see
+  docs/benchmarks.md).
 
-With data-parallel ranks the fused kernel sums its gradients over ranks in one flat all-reduce; the autograd path
-wraps the ensemble in DistributedDataParallel.
+With data-parallel ranks the fused kernel sums its gradients over ranks in one flat all-reduce, in place (every
+`.grad` a view of one buffer, `flat_gradients`); the autograd path wraps the ensemble in DistributedDataParallel with
+its gradients as views of DDP's buckets. Adam is torch's fused variant on CUDA (`make_optimizer`).
 """
 
 from __future__ import annotations
@@ -80,17 +82,47 @@ def train_batch_fused(ensemble: SAEEnsemble, optimizer: torch.optim.Optimizer, x
     """One fused step: gradients of this rank's rows (normalised by the global batch n_total), summed over
     data-parallel ranks in one flat all-reduce (the exact global gradient), per-member clipping (grad_clip_norm > 0),
     Adam, decoder renormalisation. target: a transcoder's x_out rows (x is then x_in)."""
+    flat = flat_gradients(ensemble) if dist is not None and dist.active else None
     stats = fused_fn(ensemble, x, n_total, group, target=target)
-    if dist is not None and dist.active:
-        grads = [p.grad for p in ensemble.parameters()]
-        flat = dist.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]))
-        for g, new in zip(grads, flat.split([g.numel() for g in grads])):
-            g.copy_(new.view_as(g))
+    if flat is not None:
+        dist.all_reduce_sum(flat)  # in place: every .grad is a view of it
     if grad_clip_norm > 0:
         clip_grad_norm_per_member(ensemble.parameters(), grad_clip_norm)
     optimizer.step()
     ensemble.normalize_decoder()
     return stats
+
+
+def flat_gradients(ensemble: SAEEnsemble) -> torch.Tensor:
+    """One flat buffer [n] holding every parameter's gradient, each `.grad` a view of it (in parameter order), so the
+    data-parallel all-reduce sums the gradients in place (no concatenated copy, no copy back). Made on the first call
+    (zeros; the fused kernel overwrites every gradient it owns each step); later calls find the views and return the
+    same buffer."""
+    params = list(ensemble.parameters())
+    sizes = [p.numel() for p in params]
+    grads = [p.grad for p in params]
+    if all(g is not None for g in grads):
+        storage = grads[0].untyped_storage()
+        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        if all(g.untyped_storage().data_ptr() == storage.data_ptr() and g.is_contiguous() and g.storage_offset() == o
+               for g, o in zip(grads, offsets)) and storage.nbytes() == sum(sizes) * grads[0].element_size():
+            return grads[0].new_empty(0).set_(storage, 0, (sum(sizes),), (1,))
+    flat = torch.zeros(sum(sizes), dtype=params[0].dtype, device=params[0].device)
+    for p, part in zip(params, flat.split(sizes)):
+        p.grad = part.view_as(p)
+    return flat
+
+
+def make_optimizer(params, lr: float) -> torch.optim.Adam:
+    """Adam (betas 0.9, 0.999, eps 1e-8) over the stacked parameters. On CUDA torch's fused variant: one kernel per
+    step and no temporaries, where the foreach variant (torch's default there) makes a full sqrt(v) copy of the
+    parameters. On the CPU the per-tensor loop (torch's default there): its temporaries are those of one tensor at a
+    time, and its results are today's bit for bit (the fused CPU kernel rounds differently in the last bit, which
+    flips a resampling draw of the distributed tests). The same update elementwise: exactly per-member Adam."""
+    params = list(params)
+    if params and params[0].device.type == "cuda":
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    return torch.optim.Adam(params, lr=lr, foreach=False)
 
 
 def autograd_step_fn(use_compile: bool, precision: str, device_type: str):
@@ -136,6 +168,12 @@ class Step:
     fn: object
     model: torch.nn.Module
 
+    @property
+    def members_per_pass(self) -> int:
+        """Members whose [members, rows, d_sae] intermediates are alive at once: the group, or all under DDP."""
+        ddp = self.data_parallel and not self.fused
+        return self.ensemble.n_members if ddp else min(self.group, self.ensemble.n_members)
+
     def describe(self) -> str:
         return (("fused kernel" if self.fused else "autograd") + f", {self.precision}"
                 + (", compiled" if self.compiled else "")
@@ -159,23 +197,32 @@ class Step:
                               member_group=0 if self.data_parallel else self.group, target=target)
 
 
+def uses_fused(runtime: RuntimeSection, architecture: str, auxk_coefficient: float) -> bool:
+    """Whether --kernel (fused, or auto where the architecture has the fused kernel and AuxK is off) takes it."""
+    return runtime.kernel == "fused" or (runtime.kernel == "auto" and architecture in FUSED_ARCHITECTURES
+                                         and not auxk_coefficient)
+
+
 def choose_step(runtime: RuntimeSection, ensemble: SAEEnsemble, optimizer: torch.optim.Optimizer, dist: Dist,
-                data_parallel: bool, total_steps: int, grad_clip_norm: float, precision: str | None = None) -> Step:
+                data_parallel: bool, total_steps: int, grad_clip_norm: float, precision: str | None = None,
+                group: int | None = None) -> Step:
     """The step the runtime flags ask for (see the module docstring) for `ensemble` (its architecture and AuxK decide
     whether the fused kernel can run). `precision` overrides --precision with an already resolved "fp32"/"bf16" (a
-    resumed run keeps the one its checkpoint was trained with). (SweepConfig.validate refuses --kernel fused where it
-    cannot run.)"""
-    fused = runtime.kernel == "fused" or (runtime.kernel == "auto" and ensemble.architecture in FUSED_ARCHITECTURES
-                                          and not ensemble.auxk_coefficient)
+    resumed run keeps the one its checkpoint was trained with). `group` overrides the member group (the sweep's memory
+    plan, saetool.train.plan: on CUDA --member_group 0 picks it from the free memory); without it, --member_group or
+    its default (all members on CUDA, 4 on CPU). (SweepConfig.validate refuses --kernel fused where it cannot run.)"""
+    fused = uses_fused(runtime, ensemble.architecture, ensemble.auxk_coefficient)
     device_type = torch.device(runtime.device).type
     precision = precision or resolve_precision(runtime.step_precision, runtime.device, dist)
     use_compile = runtime.compile
     if use_compile is None:
         use_compile = device_type == "cuda" or (fused and total_steps >= CPU_COMPILE_MIN_STEPS)
-    group = runtime.member_group or (ensemble.n_members if device_type == "cuda" else 4)
+    group = group or runtime.member_group or (ensemble.n_members if device_type == "cuda" else 4)
     model = ensemble
     if data_parallel and not fused:  # the fused kernel sums its gradients over ranks itself
-        model = torch.nn.parallel.DistributedDataParallel(ensemble, broadcast_buffers=False)
+        # gradients as views of DDP's buckets: no second copy of them for the all-reduce
+        model = torch.nn.parallel.DistributedDataParallel(ensemble, broadcast_buffers=False,
+                                                          gradient_as_bucket_view=True)
     fn = fused_step_fn(use_compile, precision) if fused else autograd_step_fn(use_compile, precision, device_type)
     return Step(ensemble, optimizer, dist, data_parallel, fused, precision, use_compile, group,
                 grad_clip_norm, fn, model)

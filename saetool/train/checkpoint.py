@@ -18,7 +18,7 @@ from saetool.saved import read_index
 from saetool.util import Dist
 
 # Settings that may differ between a checkpointed run and its resumption.
-RESUME_FREE = ("resume", "checkpoint_every", "device", "compile", "kernel", "member_group")
+RESUME_FREE = ("resume", "checkpoint_every", "device", "compile", "kernel", "member_group", "dist_timeout")
 
 
 def fingerprint(run) -> dict:

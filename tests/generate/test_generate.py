@@ -187,8 +187,9 @@ def test_interrupted_tokens_resume_from_the_saved_state(tiny_model_dir, text_dir
     with pytest.raises(KeyboardInterrupt):
         gen.run_generate(cfg, log=quiet)
     assert (tmp_path / "s.zarr" / gen.STATE_FILE).exists()
-    with pytest.raises(StoreError, match=r"incomplete \(0/6 chunks committed\)"):
+    with pytest.raises(StoreError, match=r"incomplete \([0-3]/6 chunks committed\)"):  # recorded while tokenising
         ActivationStore.open(tmp_path / "s.zarr")
+    assert "KeyboardInterrupt: killed" in ActivationStore.open(tmp_path / "s.zarr", False).meta["token_writer"]["error"]
     monkeypatch.setattr(ActivationStore, "write_tokens", original)
     tokenised = []
     encode = st.encode_texts

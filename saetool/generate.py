@@ -60,7 +60,7 @@ from saetool.lm import (
 )
 from saetool.store import ActivationStore, CommitProgress, StoreSpec, TokenWatch, to_store_array
 from saetool.text import ContextStream, open_documents, special_token_ids
-from saetool.util import Background, Dist, lock_owner, owner_gone, writer_lock
+from saetool.util import Background, Dist, injected_delay, lock_owner, owner_gone, writer_lock
 
 STATE_SECONDS = 30.0  # rank 0 saves the token stream's state at most this often while writing tokens
 STATE_FILE = "stream_state.npz"  # in the store folder while its tokens are being written; deleted when they are
@@ -349,9 +349,8 @@ def _write_chunks(cfg: GenerateConfig, store: ActivationStore, stream: ContextSt
     bar = tqdm(total=store.spec.n_contexts if cfg.n_chunks else None, initial=first * per_chunk, unit="ctx",
                desc="tokenize")
     saved = time.perf_counter()
-    delay = float(os.environ.get("SAETOOL_TEST_TOKEN_DELAY", 0))  # tests only: seconds more per chunk
     for c, (tokens, mask) in enumerate(chunks, start=first):
-        time.sleep(delay)
+        injected_delay("tokens")  # tests only: slower tokens (SAETOOL_TEST_DELAY_TOKENS seconds a chunk)
         if c >= store.spec.n_chunks:
             store.set_rows(2 * store.spec.n_rows)
         if len(tokens) < per_chunk:  # the last, short chunk: the store ends with it

@@ -165,7 +165,7 @@ class ActivationStore:
 
     def write_tokens(self, chunk: int, tokens: np.ndarray, mask: np.ndarray) -> None:
         """Write the token ids (int [contexts_in_chunk, context_size]) and mask (bool, same shape or flat) of store
-        chunk `chunk`. Generation writes every chunk's tokens before any activation (`mark_tokens_complete`)."""
+        chunk `chunk`. Generation writes them in chunk order, each then published by `commit_tokens`."""
         start, stop = self.spec.chunk_rows(chunk)
         c = self.spec.context_size
         if tokens.shape != ((stop - start) // c, c) or mask.size != stop - start:

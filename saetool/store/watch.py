@@ -136,6 +136,8 @@ class CommitProgress:
 
     def wait_for_all(self) -> None:
         """Poll until every chunk of the store (its rows final) is committed."""
+        if self.bar.total is not None:  # the corpus may have ended before the budget
+            self.bar.total = self._rows(np.ones(self.store.spec.n_chunks, bool))
         while not self.store.committed_chunks().all():
             self._poll(force=True)
             self._show()

@@ -1,9 +1,40 @@
-"""Work in a thread whose error reaches the thread that waits for it: `Background`."""
+"""Work in a thread whose error reaches the thread that waits for it (`Background`), and the polling wait of a rank
+for rank 0 (`wait_while_held`), for work that no collective may wait on."""
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from collections.abc import Callable
+
+from saetool.util.lock import owner_gone
+
+POLL_FIRST, POLL_MAX = 0.01, 0.5  # seconds slept between two tries of a wait: doubling from the first to the max
+
+
+def wait_while_held(done: Callable[[], bool], folder: str | os.PathLike, owner: dict | None, what: str) -> None:
+    """Poll `done()`, with a bounded sleep between tries (POLL_FIRST doubling up to POLL_MAX), until it is true, as
+    long as the run `owner` (rank 0's lock record, `lock_owner`) holds `folder`'s lock: how a rank waits for rank 0's
+    unbounded work (a report, a checkpoint write) outside any collective, so no collective timeout limits it.
+    ValueError (one line, naming `what`) once rank 0 let go of the lock or died without `done()`."""
+    sleep = POLL_FIRST
+    while True:
+        reason = owner_gone(folder, owner)  # before `done()`: rank 0 may finish and leave in between
+        if done():
+            return
+        if reason is not None:
+            raise ValueError(f"stopped waiting for {what}: {reason}")
+        time.sleep(sleep)
+        sleep = min(POLL_MAX, 2 * sleep)
+
+
+def injected_delay(name: str) -> None:
+    """Sleep SAETOOL_TEST_DELAY_<NAME> seconds (unset: not at all). Tests only: they make rank 0's work (tokens,
+    finish, checkpoint) slower than the collective timeout, to show that no other rank waits for it in a collective."""
+    seconds = float(os.environ.get(f"SAETOOL_TEST_DELAY_{name.upper()}", "0"))
+    if seconds > 0:
+        time.sleep(seconds)
 
 
 class Background:

@@ -336,7 +336,7 @@ def test_tokenising_longer_than_the_collective_timeout_overlaps_the_recording(ti
     one = gen.run_generate(GenerateConfig(**{**f, "layers": [0, 1], "locations": ["residual"]}), log=quiet)
     start = time.monotonic()  # both runs at once: they mostly sleep in the token writer
     procs = {n: launch(n, {**f, "dataset_folder": str(tmp_path / f"{n}.zarr"), "dist_timeout": 20}, tmp_path,
-                       SAETOOL_TEST_TOKEN_DELAY="0.6") for n in (2, 3)}
+                       SAETOOL_TEST_DELAY_TOKENS="0.6") for n in (2, 3)}
     outs = {n: finish(proc) for n, proc in procs.items()}
     assert time.monotonic() - start > 24  # the tokens alone took longer than the timeout
     for n, out in outs.items():

@@ -153,7 +153,8 @@ def _generate(cfg: GenerateConfig, dist: Dist, log) -> ActivationStore:
         if dist.is_main else None  # rank 0's token writer (step 2), in a thread
     try:  # rank 0 asks its writer thread whether it failed; the others whether rank 0 still holds the lock
         gone = writer.check if writer else functools.partial(owner_gone, cfg.dataset_folder, owner)
-        return _record(cfg, dist, model, TokenWatch(cfg.dataset_folder, owner, gone), writer, spec, log)
+        watch = TokenWatch(cfg.dataset_folder, owner, gone, writer.result if writer else None)
+        return _record(cfg, dist, model, watch, writer, spec, log)
     finally:
         if writer is not None:
             writer.close()  # stops it after its current chunk if this rank failed; else it has finished

@@ -35,10 +35,13 @@ class TokenWatch:
     `path`. `open(spec)` waits until that writer has claimed the store (or the store is complete) and returns it
     attached for writing; `ready(chunk)` waits until the tokens of `chunk` are committed (True) or the tokens are
     complete without it (False: the store ended before). `gone()`, asked before every read, returns None while the
-    writer runs and else a one-line reason (or raises the writer's own error); it turns into a StoreError."""
+    writer runs and else a one-line reason (or raises the writer's own error); it turns into a StoreError.
+    `settle()`, if given, is called once the writer recorded a failure in the store, before that turns into a
+    StoreError: on rank 0 it waits for its writer thread and raises the writer's own error instead."""
 
-    def __init__(self, path: str | os.PathLike, owner: dict | None, gone: Callable[[], str | None]):
-        self.path, self.owner, self.gone = Path(path), owner, gone
+    def __init__(self, path: str | os.PathLike, owner: dict | None, gone: Callable[[], str | None],
+                 settle: Callable[[], object] | None = None):
+        self.path, self.owner, self.gone, self.settle = Path(path), owner, gone, settle
         self.meta: dict = {}
         self.store: ActivationStore | None = None
 
@@ -59,6 +62,8 @@ class TokenWatch:
                     return meta
                 writer = meta.get("token_writer") or {}
                 if writer.get("error") and writer.get("owner") == self.owner:
+                    if self.settle is not None:
+                        self.settle()
                     raise StoreError(f"{self.path}: the token writer (rank 0) failed: {writer['error']}")
             if reason is not None:
                 raise StoreError(f"{self.path}: stopped waiting for {what}: {reason}")

@@ -253,11 +253,13 @@ def test_a_failed_token_writer_stops_every_rank_with_one_line(tiny_model_dir, te
         assert isinstance(errors[r], StoreError), errors
         assert "stopped waiting for rank 0 to create or reopen the store: rank 0 (pid" in str(errors[r])
         assert "no longer holds the lock" in str(errors[r]) and "\n" not in str(errors[r])
-    # The writer fails at chunk 3, after the store exists: it records the failure, and every rank stops with it.
+    # The writer fails at chunk 3, once the ranks record: it records the failure, and every rank stops with it.
     real = ActivationStore.write_tokens
 
     def failing(self, chunk, tokens, mask):
         if chunk == 3:
+            while not self.committed_chunks().any():  # every rank is past the start barrier, recording
+                time.sleep(0.01)
             raise OSError("No space left on device")
         return real(self, chunk, tokens, mask)
 

@@ -51,10 +51,10 @@ def interrupt_on_call(monkeypatch, module, name: str, n: int) -> None:
     monkeypatch.setattr(module, name, wrapped)
 
 
-def launch(n_procs: int, args: list[str], timeout: int = 240, wait: bool = True):
-    """`accelerate launch launch/sweep.py ARGS` with n_procs CPU processes (gloo, one thread each). Waits for it and
-    asserts it succeeded (returns the CompletedProcess), or with wait=False returns the Popen of a new session
-    (kill its process group to kill every rank)."""
+def launch(n_procs: int, args: list[str], timeout: int = 240, wait: bool = True, env: dict | None = None):
+    """`accelerate launch launch/sweep.py ARGS` with n_procs CPU processes (gloo, one thread each; `env`: more
+    environment variables). Waits for it and asserts it succeeded (returns the CompletedProcess), or with wait=False
+    returns the Popen of a new session (kill its process group to kill every rank)."""
     import os
     import subprocess
     import sys
@@ -63,7 +63,7 @@ def launch(n_procs: int, args: list[str], timeout: int = 240, wait: bool = True)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n_procs),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
            str(root / "launch" / "sweep.py"), *args]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", **(env or {})}
     if not wait:
         return subprocess.Popen(cmd, env=env, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)

@@ -53,6 +53,10 @@ class GenerateConfig:
     """Torch device of the model."""
     model_dtype: str = "float32"
     """dtype the model runs in: float32, bfloat16 or float16."""
+    dist_timeout: float = 1800.0
+    """Seconds a collective (barrier, all-reduce, gather) may wait under several processes before the process group
+    fails it, for gloo (CPU) and NCCL (GPU, whose own default is 600 s) alike; the launchers (launch/*.py) create the
+    group with it. No rank waits in a collective on unbounded work of another (docs/distributed.md)."""
 
     def validate(self) -> None:
         check_device(self.device)
@@ -61,6 +65,7 @@ class GenerateConfig:
                f"must be a positive multiple of context_size={self.context_size}")
         check(self.n_chunks is None or self.n_chunks >= 1, "n_chunks", "must be >= 1 (or None for all the text)")
         check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        check(self.dist_timeout > 0, "dist_timeout", "must be > 0 seconds")
         check(self.shuffle_buffer >= 1, "shuffle_buffer", "must be >= 1")
         check(self.dtype in ("float16", "bfloat16", "float32"), "dtype", "must be float16, bfloat16 or float32")
         check(self.compression in ("blosc-zstd", "zstd", "none"), "compression", "must be blosc-zstd, zstd or none")

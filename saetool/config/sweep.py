@@ -143,6 +143,10 @@ class SweepConfig:
     plan: bool = False
     """Print the memory estimate per rank (parameters, Adam state, gradients, the step's intermediates, the loader) and
     the member group, whether it fits on CUDA, then exit: nothing is trained or written (docs/distributed.md#memory)."""
+    dist_timeout: float = 1800.0
+    """Seconds a collective (barrier, all-reduce, gather) may wait under several processes before the process group
+    fails it, for gloo (CPU) and NCCL (GPU, whose own default is 600 s) alike; the launchers (launch/*.py) create the
+    group with it. No rank waits in a collective on unbounded work of another (docs/distributed.md)."""
 
     @property
     def data(self) -> DataSection:
@@ -222,6 +226,7 @@ class SweepConfig:
         check(self.autocast == "none" or self.precision in ("fp32", "bf16"), "autocast",
                "is a deprecated alias of --precision bf16; pass only --precision")
         check(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
+        check(self.dist_timeout > 0, "dist_timeout", "must be > 0 seconds")
         check(self.kernel in ("auto", "fused", "autograd"), "kernel", "must be auto, fused or autograd")
         check(self.member_group >= 0, "member_group", "must be >= 0")
         check(self.report_contexts >= 0, "report_contexts", "must be >= 0")
@@ -276,7 +281,7 @@ SECTIONS = {
     "training": ("adam_lr", "n_repetitions", "lr_warmup_steps", "l1_warmup_steps", "lr_decay_steps",
                  "grad_clip_norm", "dead_window", "resample_every"),
     "runtime": ("device", "parallel", "kernel", "member_group", "compile", "precision", "autocast",
-                "checkpoint_every", "resume", "plan"),
+                "checkpoint_every", "resume", "plan", "dist_timeout"),
     "output": ("output_dir", "save_after_every", "report", "report_contexts", "wandb_project", "config", "ensembles"),
 }
 

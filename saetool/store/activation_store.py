@@ -1,12 +1,15 @@
 """The activation store: writing and reading one Zarr v3 group per generation run (its layout, schema version and
 `StoreSpec` are saetool.store.layout; docs/store.md is the full reference).
 
-Generation writes every chunk's `tokens` and `mask` first (one writer, rank 0, streaming the text), resizing
-the arrays while it learns how many rows the text fills, then records `tokens_complete`; only then are activations
-written. Commits are explicit: a writer marks chunk i in `commits` only after every hook array's rows of chunk i are
-written, and attrs["saetool"]["complete"] becomes true only when every chunk is committed. `commits` has one
-Zarr chunk per store chunk, so writers of different chunks never touch the same object on disk. An uncommitted
-chunk is simply rewritten whole on resume; resizing deletes every chunk beyond the new shape.
+Generation writes every chunk's `tokens` and `mask` in order (one writer, rank 0, streaming the text), resizing
+the arrays while it learns how many rows the text fills, and publishes each chunk as it goes (`commit_tokens`:
+attrs["saetool"]["tokens_committed"]), then records `tokens_complete`; the recorders write a chunk's activations
+as soon as its tokens are committed (they poll, saetool.store.watch). Commits are explicit: a writer marks chunk i
+in `commits` only after every hook array's rows of chunk i are written, then records in `tokens_at_commit[i]` how
+many chunks' tokens were committed at that moment; attrs["saetool"]["complete"] becomes true only when every chunk
+is committed. `commits` has one Zarr chunk per store chunk, so writers of different chunks never touch the same
+object on disk, and only the token writer (rank 0) writes the group's attributes. An uncommitted chunk is simply
+rewritten whole on resume; resizing deletes every chunk beyond the new shape (never a chunk with tokens).
 
 `--keepbits k` rounds every stored value to k mantissa bits (round to nearest, ties to even: the arithmetic of
 numcodecs.BitRound) before compression; the arrays stay plain float16/float32/uint16 that any Zarr reader
@@ -30,10 +33,29 @@ import zarr
 
 from saetool.store.chunks import ChunkReader
 from saetool.store.foreign import ZarrArrayRows
-from saetool.store.layout import SCHEMA_VERSION, StoreSpec, create_layout
+from saetool.store.layout import SCHEMA_VERSION, StoreSpec, create_layout, create_order_array
 from saetool.store.values import StoreError, check_finite, from_store_array
 
-__all__ = ["SCHEMA_VERSION", "ActivationStore", "StoreError", "StoreSpec", "ZarrArrayRows"]
+__all__ = ["SCHEMA_VERSION", "ActivationStore", "StoreError", "StoreSpec", "ZarrArrayRows", "read_meta",
+           "tokens_committed"]
+
+
+def read_meta(path: str | os.PathLike) -> dict | None:
+    """attrs["saetool"] of the store at `path` as it is on disk now (a Group object caches its attributes), or None
+    where there is no store (yet). Zarr renames each metadata file into place, so a read sees one whole version."""
+    try:
+        meta = zarr.open_group(str(path), mode="r").attrs.get("saetool")
+    except Exception:  # noqa: BLE001 - zarr raises several types where no group is (yet)
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def tokens_committed(meta: dict) -> int:
+    """How many leading chunks' tokens are committed according to `meta` (a store of an older saetool records
+    only `tokens_complete`: then all of them)."""
+    if meta.get("tokens_complete"):
+        return -(-int(meta["n_rows"]) // int(meta["chunk_size"]))
+    return int(meta.get("tokens_committed") or 0)
 
 
 class ActivationStore:
@@ -96,25 +118,10 @@ class ActivationStore:
         """
         path = Path(path)
         if path.exists() and any(path.iterdir()):
-            try:
-                group = zarr.open_group(str(path), mode="r+")
-                meta = group.attrs.get("saetool")
-            except Exception:  # noqa: BLE001
-                meta = None
-            if not isinstance(meta, dict):
-                raise StoreError(
-                    f"{path} exists and is not a saetool activation store; choose another --dataset_folder")
-            new = spec.settings()
-            old = {k: meta.get(k) for k in new}
-            if old != new:
-                diff = [k for k, v in new.items() if old.get(k) != v]
-                raise StoreError(
-                    f"{path} holds a store made with different settings ({', '.join(diff)}); "
-                    "use another --dataset_folder or delete it"
-                )
+            store = cls.attach(path, spec)
             for leftover in path.rglob("*.partial"):  # zarr's temporary files of writes killed mid-way
                 leftover.unlink(missing_ok=True)
-            return cls(path, group)
+            return store
         # Built in a temporary sibling and renamed into place, so a run killed while creating the arrays leaves
         # no folder that looks like a store (the rename replaces an empty `path` folder too).
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -126,6 +133,31 @@ class ActivationStore:
         os.replace(tmp, path)
         return cls(path, zarr.open_group(str(path), mode="r+"))
 
+    @classmethod
+    def attach(cls, path: str | os.PathLike, spec: StoreSpec) -> ActivationStore:
+        """Open the existing store at `path` to write its chunks, while another process may be writing it too (a
+        recording rank; unlike `create_or_resume` it deletes nothing). StoreError (one line) if `path` holds
+        something else or a store of other settings than `spec`."""
+        path = Path(path)
+        try:
+            group = zarr.open_group(str(path), mode="r+")
+            meta = group.attrs.get("saetool")
+        except Exception:  # noqa: BLE001
+            meta = None
+        if not isinstance(meta, dict):
+            raise StoreError(f"{path} exists and is not a saetool activation store; choose another --dataset_folder")
+        new = spec.settings()
+        old = {k: meta.get(k) for k in new}
+        if old != new:
+            diff = [k for k, v in new.items() if old.get(k) != v]
+            raise StoreError(f"{path} holds a store made with different settings ({', '.join(diff)}); "
+                             "use another --dataset_folder or delete it")
+        return cls(path, group)
+
+    def refresh(self) -> None:
+        """Re-read the metadata another process (the token writer) may have changed: n_rows, progress fields."""
+        self.__init__(self.path, zarr.open_group(str(self.path), mode="r+"))
+
     # ---- writing -------------------------------------------------------------------------------
     def committed_chunks(self) -> np.ndarray:
         """bool [n_chunks]: which chunks are fully written."""
@@ -133,7 +165,7 @@ class ActivationStore:
 
     def write_tokens(self, chunk: int, tokens: np.ndarray, mask: np.ndarray) -> None:
         """Write the token ids (int [contexts_in_chunk, context_size]) and mask (bool, same shape or flat) of store
-        chunk `chunk`. Generation writes every chunk's tokens before any activation (`mark_tokens_complete`)."""
+        chunk `chunk`. Generation writes them in chunk order, each then published by `commit_tokens`."""
         start, stop = self.spec.chunk_rows(chunk)
         c = self.spec.context_size
         if tokens.shape != ((stop - start) // c, c) or mask.size != stop - start:
@@ -158,12 +190,30 @@ class ActivationStore:
         for name in spec.hook_names:
             self.group[name].resize((spec.n_rows, spec.widths[name]))
         self.group["commits"].resize((spec.n_chunks,))
+        if "tokens_at_commit" in self.group:
+            self.group["tokens_at_commit"].resize((spec.n_chunks,))
         self._update_meta(n_rows=spec.n_rows)
         self.spec = spec
 
+    def claim_tokens(self, owner: dict, committed: int) -> None:
+        """The token writer `owner` (its lock record) takes over the store: its first `committed` chunks' tokens count
+        as committed (an interrupted writer's later ones are written again), any failure of an earlier writer is
+        cleared, and a store of an older saetool gains `tokens_at_commit`. Recorders wait for this record."""
+        if "tokens_at_commit" not in self.group:
+            create_order_array(self.group, self.spec.n_chunks)
+        self._update_meta(token_writer={"owner": owner, "error": None}, tokens_committed=int(committed))
+
+    def commit_tokens(self, chunk: int) -> None:
+        """Publish chunk `chunk`'s tokens and mask (written by `write_tokens`, in order): tokens_committed = chunk+1."""
+        self._update_meta(tokens_committed=chunk + 1)
+
+    def fail_tokens(self, error: str) -> None:
+        """Record that the token writer failed (one line), so that waiting recorders stop with it."""
+        self._update_meta(token_writer={**(self.meta.get("token_writer") or {}), "error": error})
+
     def mark_tokens_complete(self, packing: dict) -> None:
         """Record that every chunk's tokens and mask are written (`tokens_complete`) with the packing counters."""
-        self._update_meta(tokens_complete=True, packing=packing)
+        self._update_meta(tokens_complete=True, tokens_committed=self.spec.n_chunks, packing=packing)
 
     @property
     def tokens_complete(self) -> bool:
@@ -181,7 +231,7 @@ class ActivationStore:
 
         acts: {hook_name: array [rows_in_chunk, d]} already cast by `to_store_array`; tokens, mask: as `write_tokens`
         (generation writes them beforehand and passes neither). The commit marker is written last, so a crash at any
-        point leaves the chunk uncommitted.
+        point leaves the chunk uncommitted; then, in a generated store, `tokens_at_commit[chunk]`.
         """
         if (tokens is None) != (mask is None):
             raise StoreError(f"chunk {chunk}: pass both tokens and mask, or neither")
@@ -195,6 +245,8 @@ class ActivationStore:
                 raise StoreError(f"chunk {chunk}: {name} has shape {a.shape}, expected {(n, self.spec.widths[name])}")
             self.group[name][start:stop] = a
         self.group["commits"][chunk] = 1
+        if tokens is None and "tokens_at_commit" in self.group:  # read after the commit: an upper bound
+            self.group["tokens_at_commit"][chunk] = tokens_committed(read_meta(self.path) or {})
 
     def finalize(self, summary: dict) -> bool:
         """Mark the store complete if every chunk is committed; returns whether it is complete."""

@@ -7,7 +7,13 @@ Layout (schema version 1; docs/store.md is the full reference)::
         mask                          bool  [n_rows]                      False at BOS / separator / padding rows
         <hook_name>                   float16 | float32 | uint16 [n_rows, d]   one array per hook point
         commits                       uint8 [n_chunks], chunks of 1       1 once chunk i is fully written
+        tokens_at_commit              int32 [n_chunks], chunks of 1       attrs' tokens_committed read right after
+                                                                          chunk i's commit (0: not recorded)
 
+Tokens are published in order by one writer: attrs["saetool"]["tokens_committed"] = k once the tokens and mask of
+chunks 0..k-1 are written (recorders poll it, saetool.store.watch); `tokens_at_commit` orders every activation
+commit against the token commits. Both were added within schema version 1: a store without them (an older
+saetool's) reads the same, and its tokens count as committed once `tokens_complete` is set.
 A row is one (context, position) pair; row r belongs to context r // context_size, so the rows of a context
 are contiguous and a chunk of `chunk_size` rows (a multiple of context_size) holds whole contexts.
 bfloat16 activations are stored as their raw bits in uint16 arrays whose attrs say
@@ -105,9 +111,16 @@ def zarr_dtype(dtype: str) -> str:
     return {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}[dtype]
 
 
+def create_order_array(group: zarr.Group, n_chunks: int) -> None:
+    """`tokens_at_commit` (int32 [n_chunks], one Zarr chunk per store chunk, 0-filled) in `group`."""
+    group.create_array("tokens_at_commit", shape=(n_chunks,), dtype="int32", chunks=(1,), fill_value=0,
+                       dimension_names=["chunk"])
+
+
 def create_layout(group: zarr.Group, spec: StoreSpec) -> None:
-    """Create in the empty `group` the arrays of `spec` (tokens, mask, one per hook, commits: zero-filled, chunked
-    by store chunk) and its metadata ``attrs["saetool"]`` (schema version, the spec, ``complete`` False)."""
+    """Create in the empty `group` the arrays of `spec` (tokens, mask, one per hook, commits, tokens_at_commit:
+    zero-filled, chunked by store chunk) and its metadata ``attrs["saetool"]`` (schema version, the spec,
+    ``complete`` False, ``tokens_committed`` 0)."""
     codecs = compressors(spec.compression)
     rows_per_chunk = spec.chunk_size
     group.create_array(
@@ -126,5 +139,6 @@ def create_layout(group: zarr.Group, spec: StoreSpec) -> None:
         )
     group.create_array("commits", shape=(spec.n_chunks,), dtype="uint8", chunks=(1,), fill_value=0,
                        dimension_names=["chunk"])
-    meta = {"schema_version": SCHEMA_VERSION, **spec.to_json(), "complete": False}
+    create_order_array(group, spec.n_chunks)
+    meta = {"schema_version": SCHEMA_VERSION, **spec.to_json(), "complete": False, "tokens_committed": 0}
     group.attrs["saetool"] = meta

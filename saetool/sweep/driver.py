@@ -20,7 +20,9 @@ With several processes (Accelerate / torchrun) the work is split in one of two w
   members of all hooks in contiguous shares balanced by cost); every rank reads the same batches; no gradient
   traffic. Each member equals single-process training.
 The last `eval_tokens` rows (rounded up to whole contexts) are never trained on; every member is evaluated there
-(MSE, FVU, explained variance, L0, dead fraction; saetool.evaluate). Only rank 0 writes outputs. `--checkpoint_every`
+(MSE, FVU, explained variance, L0, dead fraction; saetool.evaluate). Only rank 0 writes outputs, and what only it does
+after training (the held-out pass, the report) holds no other rank in a collective: they return, or, between two
+`--config` ensembles, poll for its sweep.json. `--checkpoint_every`
 saves weights, Adam state and the data position; `--resume` continues to exactly the uninterrupted result.
 """
 
@@ -44,7 +46,7 @@ from saetool.sweep.multihook import (
     write_hooks_index,
 )
 from saetool.train import check_runs, plan_runs, read_saved, save_members, setup_run, train_runs
-from saetool.util import Dist, writer_lock
+from saetool.util import Dist, lock_owner, wait_while_held, writer_lock
 
 
 def run_sweep(cfg: SweepConfig, log=print) -> dict | None:
@@ -72,10 +74,19 @@ def several_hooks(cfg: SweepConfig) -> bool:
 
 def _run_config(cfg: SweepConfig, log) -> dict | None:
     """Every entry of cfg.ensembles (validated together before any training) in turn into OUTPUT_DIR/<name>/, then
-    OUTPUT_DIR/sweep.json indexing them all. Finished ensembles are skipped with --resume."""
+    OUTPUT_DIR/sweep.json indexing them all. Finished ensembles are skipped with --resume.
+
+    Rank 0 finishes each ensemble (held-out pass, report: unbounded work) before the next one trains; meanwhile the
+    other ranks do not wait in the next ensemble's first collective but poll for the finished ensemble's sweep.json
+    (saetool.util.wait_while_held), so no collective timeout limits how long a report takes."""
     _refuse_finished(Path(cfg.output_dir))
-    runs = []
+    dist, owner = Dist.current(), lock_owner(cfg.output_dir)
+    runs, previous = [], None
     for name, sub in ensemble_configs(cfg):
+        if previous is not None and not dist.is_main:
+            wait_while_held((previous / INDEX_FILE).exists, cfg.output_dir, owner,
+                            f"rank 0 to finish the ensemble in {previous}")
+        previous = Path(sub.output_dir)
         if cfg.resume and (Path(sub.output_dir) / INDEX_FILE).exists():
             log(f"ensemble {name}: already finished, skipped")
             index = read_saved(sub)

@@ -17,6 +17,7 @@ from saetool.evaluate import heldout_stats, member_metrics, metrics_table
 from saetool.report import heldout_collector, run_report
 from saetool.saved import INDEX_FILE, load_sae, write_json
 from saetool.store import ActivationStore
+from saetool.util import injected_delay
 
 
 @dataclass
@@ -46,6 +47,7 @@ def finish(saved: SavedRun, log=print, report: bool = True) -> dict:
     """Evaluate the saved members on the held-out rows (one pass), write sweep.json and metrics.md, log the metrics
     to W&B, remove the checkpoint and (with `report` and --report) write the report from the same pass. Returns the
     sweep's index."""
+    injected_delay("finish")  # tests only: a long report on rank 0
     cfg, out, index = saved.cfg, saved.out, saved.index
     report_cfg = report_config(cfg, saved.store.spec.model) if report and cfg.report and saved.eval_rows else None
     if report_cfg is not None and cfg.array is not None:

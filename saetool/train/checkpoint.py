@@ -2,7 +2,8 @@
 
 A checkpoint holds the ensemble, the Adam state, the data position (epoch, batch in epoch), the step and token
 counts, torch's RNG state, the dead-latent counters and the resolved step precision. `--resume` continues from it
-to exactly the uninterrupted result.
+to exactly the uninterrupted result. Writing one holds no rank in a collective: each writing rank copies its state
+to host memory and writes it in a thread while training goes on (`Checkpointer`).
 """
 
 from __future__ import annotations
@@ -10,15 +11,16 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
 
 from saetool.saved import read_index
-from saetool.util import Dist
+from saetool.util import Background, Dist, injected_delay
 
 # Settings that may differ between a checkpointed run and its resumption.
-RESUME_FREE = ("resume", "checkpoint_every", "device", "compile", "kernel", "member_group")
+RESUME_FREE = ("resume", "checkpoint_every", "device", "compile", "kernel", "member_group", "dist_timeout")
 
 
 def fingerprint(run) -> dict:
@@ -46,6 +48,7 @@ def load_checkpoint(run, log=print) -> dict | None:
         log(f"--resume: no checkpoint in {run.out}; starting from scratch")
         return None
     state = run.checkpointer.load()
+    run.checkpointer.drop_stale()
     if state is None:
         raise ValueError(f"the checkpoint in {run.out} holds no file for rank {run.dist.rank}: it was made by another "
                          "number of processes (or --parallel); rerun with those or delete it")
@@ -70,31 +73,70 @@ def read_saved(cfg) -> dict:
 
 
 class Checkpointer:
-    """OUTPUT_DIR/checkpoint/step_{s}/rank{r}.pt + `latest` (written last, atomically, by rank 0 after every
-    rank has saved), so a SIGKILL at any moment leaves the previous complete checkpoint in force.
-    With shard_by_rank (member-parallel) every rank saves its own file; otherwise rank 0 saves rank0.pt."""
+    """OUTPUT_DIR/checkpoint/step_{s}/rank{r}.pt + `latest` (written last, atomically, by rank 0 once every rank's
+    file of step s exists), so a SIGKILL at any moment leaves the previous complete checkpoint in force.
+    With shard_by_rank (member-parallel) every rank saves its own file; otherwise rank 0 saves rank0.pt.
+
+    Saving holds no rank in a collective: `save` copies the state to host memory (the only wait of the training
+    loop, bounded by the state's size) and writes it in a thread (saetool.util.Background) while training goes on;
+    rank 0's thread then polls for the other ranks' files (no barrier), writes `latest` and removes the older steps.
+    One write is in flight at a time: the next `save`, and `wait` at the end of training, wait for it (and raise its
+    error, e.g. a full disk). The host copy costs the host memory of one checkpoint while it is written."""
 
     def __init__(self, out: Path, dist: Dist, shard_by_rank: bool):
         self.dir, self.dist, self.shard_by_rank = out / "checkpoint", dist, shard_by_rank
+        self.pending: Background | None = None
 
     def exists(self) -> bool:
         return (self.dir / "latest").is_file()
 
     def save(self, state: dict, step: int) -> None:
-        step_dir = self.dir / f"step_{step}"
+        self.wait()
         if self.shard_by_rank or self.dist.is_main:
-            step_dir.mkdir(parents=True, exist_ok=True)
-            path = step_dir / f"rank{self.dist.rank if self.shard_by_rank else 0}.pt"
-            torch.save(state, str(path) + ".tmp")
-            os.replace(str(path) + ".tmp", path)
-        self.dist.barrier()
-        if self.dist.is_main:
-            (self.dir / "latest.tmp").write_text(step_dir.name)
-            os.replace(self.dir / "latest.tmp", self.dir / "latest")
+            self.pending = Background(self._write, _on_host(state), step, name="saetool-checkpoint")
+
+    def _write(self, state: dict, step: int, stop) -> None:
+        step_dir = self.dir / f"step_{step}"
+        step_dir.mkdir(parents=True, exist_ok=True)
+        path = step_dir / f"rank{self.dist.rank if self.shard_by_rank else 0}.pt"
+        injected_delay("checkpoint")  # tests only: a slow disk
+        torch.save(state, str(path) + ".tmp")
+        os.replace(str(path) + ".tmp", path)
+        if not self.dist.is_main:
+            return
+        files = [step_dir / f"rank{r}.pt" for r in (range(self.dist.world_size) if self.shard_by_rank else [0])]
+        sleep = 0.01
+        while not all(f.is_file() for f in files):  # the other ranks write theirs meanwhile
+            if stop.is_set():  # this run is failing: `latest` stays at the last complete checkpoint
+                return
+            time.sleep(sleep)
+            sleep = min(0.5, 2 * sleep)
+        (self.dir / "latest.tmp").write_text(step_dir.name)
+        os.replace(self.dir / "latest.tmp", self.dir / "latest")
+        for old in self.dir.glob("step_*"):
+            if _step(old) < step:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def wait(self) -> None:
+        """Wait until the checkpoint being written is written (rank 0: with every rank's file and `latest`)."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        """On the way out of a failed run: let this rank's write in flight end (not waiting for other ranks)."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.close()
+
+    def drop_stale(self) -> None:
+        """Rank 0, resuming, before training: remove every step folder but the latest, i.e. the partial ones of the
+        interrupted run, so no file of theirs passes for a file of this run."""
+        if self.dist.is_main and self.exists():
+            latest = (self.dir / "latest").read_text().strip()
             for old in self.dir.glob("step_*"):
-                if old != step_dir:
+                if old.name != latest:
                     shutil.rmtree(old, ignore_errors=True)
-        self.dist.barrier()
 
     def load(self) -> dict | None:
         """This rank's saved state (None when the checkpoint has no file for it: made by fewer processes), its
@@ -106,7 +148,22 @@ class Checkpointer:
         # memory-mapped: every data-parallel rank reads rank 0's file through the shared page cache, not a full copy
         return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
 
-    def remove(self) -> None:
-        self.dist.barrier()
-        if self.dist.is_main:
-            shutil.rmtree(self.dir, ignore_errors=True)
+
+def _step(folder: Path) -> int:
+    """s of a step_{s} folder (-1 for another name)."""
+    try:
+        return int(folder.name.removeprefix("step_"))
+    except ValueError:
+        return -1
+
+
+def _on_host(obj):
+    """A copy of `obj` (nested dicts, lists and tuples of tensors and plain values) whose tensors are on the host and
+    share no memory with training, which goes on while the copy is written."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _on_host(v) for k, v in obj.items()}
+    if type(obj) in (list, tuple):
+        return type(obj)(_on_host(v) for v in obj)
+    return obj

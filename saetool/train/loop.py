@@ -4,7 +4,8 @@ Per step: the learning-rate schedule (warm-up, restarts at resamplings, decay) a
 warm-up are set, the step trains every member on the batch, the dead-latent counters advance (summed over
 data-parallel ranks), dead latents are resampled every `resample_every` steps, and the step is logged. Snapshots
 (after every repetition, or every store chunk with --save_after_every) and checkpoints (--checkpoint_every) are
-written at the same points in a resumed run as in an uninterrupted one.
+written at the same points in a resumed run as in an uninterrupted one; a checkpoint is written in a thread while
+training goes on (saetool.train.checkpoint), and training ends once the last one is written.
 """
 
 from __future__ import annotations
@@ -100,6 +101,8 @@ def train_runs(runs: list[SweepRun], log=print) -> list[Trained]:
                 t.end_epoch(epoch)
         for t in trainers:
             t.end()
+        for t in trainers:  # the checkpoints in flight are written before the members are saved
+            t.run.checkpointer.wait()
     finally:
         for t in trainers:
             t.close()
@@ -165,6 +168,7 @@ class RunTrainer:
 
     def close(self) -> None:
         self.logger.close()
+        self.run.checkpointer.close()  # after a failure: this rank's checkpoint write in flight ends
 
     def result(self, seconds: float) -> Trained:
         """The summary of the training (sweep.json's "training") after `seconds` of it."""

@@ -1,10 +1,15 @@
 """The few collective operations saetool needs, over an already initialised torch.distributed process group
 (Accelerate or torchrun create it; gloo on CPU, NCCL on GPUs). With one process every call is a no-op.
+
+The launchers (launch/generate.py, launch/sweep.py) create the group through `accelerator`, with the collective
+timeout of --dist_timeout. No rank waits in a collective on unbounded work of another (docs/distributed.md,
+"Collective timeouts"): such waits poll the file system instead, so the timeout only bounds real hangs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as tdist
@@ -119,3 +124,34 @@ class Dist:
         box = [obj]
         tdist.broadcast_object_list(box, src=src)
         return box[0]
+
+
+def accelerator(cpu: bool, dist_timeout: float):
+    """The launchers' `accelerate.Accelerator`: its process group (several processes) is created with a collective
+    timeout of `dist_timeout` seconds (`InitProcessGroupKwargs(timeout=...)`, for NCCL and gloo alike), which
+    rank 0 prints as read back from the group."""
+    from accelerate import Accelerator  # the launchers' dependency: not imported by the rest of saetool
+    from accelerate.utils import InitProcessGroupKwargs
+
+    handler = InitProcessGroupKwargs(timeout=timedelta(seconds=dist_timeout))
+    # accelerate passes on only the values that differ from its defaults (600 s: NCCL's, not gloo's 1800 s)
+    handler.to_kwargs = lambda: {"timeout": handler.timeout}
+    acc = Accelerator(cpu=cpu, kwargs_handlers=[handler])
+    if acc.num_processes > 1:
+        seconds = group_timeout()
+        acc.print(f"process group: {tdist.get_backend()}, {acc.num_processes} processes, collective timeout "
+                  f"{'unknown' if seconds is None else f'{seconds:g} s'} (--dist_timeout {dist_timeout:g})")
+    return acc
+
+
+def group_timeout() -> float | None:
+    """The collective timeout (seconds) of the default process group, read back from its backend; None without a
+    group or where torch does not expose it."""
+    if not (tdist.is_available() and tdist.is_initialized()):
+        return None
+    try:
+        group = tdist.distributed_c10d._get_default_group()
+        device = torch.device("cuda") if tdist.get_backend() == "nccl" else torch.device("cpu")
+        return group._get_backend(device).options._timeout.total_seconds()
+    except (AttributeError, RuntimeError):
+        return None

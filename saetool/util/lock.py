@@ -55,6 +55,29 @@ def writer_lock(folder: str | os.PathLike, flag: str, dist=None) -> Iterator[Non
             taken.unlink(missing_ok=True)
 
 
+def lock_owner(folder: str | os.PathLike) -> dict | None:
+    """The owner record {"pid", "host", "started", "command"} of `folder`'s lock (None: no lock, or unreadable).
+    Under `writer_lock(folder, flag, dist)` every rank reads rank 0's record: it names the run."""
+    try:
+        owner = json.loads(lock_path(folder).read_text())
+    except (OSError, ValueError):
+        return None
+    return owner if isinstance(owner, dict) else None
+
+
+def owner_gone(folder: str | os.PathLike, owner: dict | None) -> str | None:
+    """None while the run `owner` (a `lock_owner` record) still holds `folder`'s lock; else one line saying why
+    it does not: the lock was released or taken by another run, or its process (on this host) is dead. Other
+    ranks poll this instead of waiting in a collective for rank 0 (saetool.generate)."""
+    now = lock_owner(folder)
+    who = "the run" if not owner else f"rank 0 (pid {owner.get('pid')} on {owner.get('host')})"
+    if now is None or now != owner:
+        return f"{who} no longer holds the lock {lock_path(folder)}: it stopped (its error is in its own output)"
+    if owner.get("host") == socket.gethostname() and not _alive(int(owner.get("pid", -1))):
+        return f"{who} is dead (killed?) while holding the lock {lock_path(folder)}"
+    return None
+
+
 def _acquire(folder: Path, flag: str) -> Path:
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"--{flag} {folder} is a file, not a folder; choose another path")

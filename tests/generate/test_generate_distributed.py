@@ -1,9 +1,12 @@
 """Generation across processes (cases D1, D2, S2, S3 across ranks): `accelerate launch` with 2 and 3 CPU processes
 (gloo) writes the same store as one process; uneven shares store every context exactly once; a run killed with
-SIGKILL mid-way and resumed equals an uninterrupted one. Every subprocess runs under a timeout, so a hang fails."""
+SIGKILL mid-way and resumed equals an uninterrupted one; tokenising that outlasts --dist_timeout holds no rank in a
+collective, and activations are committed while the tokens are still being written. Every subprocess runs under a
+timeout, so a hang fails."""
 
 import contextlib
 import dataclasses
+import itertools
 import os
 import re
 import signal
@@ -22,6 +25,7 @@ import zarr
 
 import saetool.generate as gen
 from saetool.config import GenerateConfig
+from saetool.store import CommitProgress, StoreSpec, watch
 from saetool.store.activation_store import ActivationStore, StoreError
 from saetool.util.distributed import Dist
 from tests.helpers import WORDS
@@ -67,14 +71,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(n_procs: int, f: dict, env_dir: Path) -> subprocess.Popen:
-    """`accelerate launch --config_file configs/accelerate/cpu_2proc.yaml --num_processes N launch/generate.py`."""
+def launch(n_procs: int, f: dict, env_dir: Path, **env) -> subprocess.Popen:
+    """`accelerate launch --config_file configs/accelerate/cpu_2proc.yaml --num_processes N launch/generate.py`
+    (`env`: more environment variables)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "configs/accelerate/cpu_2proc.yaml"), "--num_processes", str(n_procs),
            "--main_process_port", str(free_port()), str(ROOT / "launch/generate.py")]
     cmd += [f"--{k}={v}" for k, v in f.items()]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(env_dir / "datasets_cache"),
-           "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+           "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **env}
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
@@ -123,12 +128,12 @@ def assert_same_store(store: ActivationStore, ref: ActivationStore, n_contexts: 
 
 
 def test_three_processes_uneven_shares_equal_one_process(tiny_model_dir, text_dir, tmp_path):
-    # 17 contexts = 17 chunks on 3 ranks: contiguous shares 6, 6, 5 (D2); the rows equal the one-process store's
+    # 17 contexts = 17 chunks on 3 ranks: shares of 6, 6, 5 chunks dealt round robin (D2); the rows equal the one-process store's
     # with the same budget, since they depend only on the text, the settings and the seed.
     f = flags(tiny_model_dir, text_dir, tmp_path / "one.zarr", n_chunks=17)
     one = gen.run_generate(GenerateConfig(**{**f, "layers": [0, 1], "locations": ["residual"]}), log=quiet)
     out = finish(launch(3, {**f, "dataset_folder": str(tmp_path / "three.zarr")}, tmp_path))
-    assert rank_lines(out) == {0: (3, "0-5"), 1: (3, "6-11"), 2: (3, "12-16")}
+    assert rank_lines(out) == {0: (3, "0,3,...,15"), 1: (3, "1,4,...,16"), 2: (3, "2,5,...,14")}  # round robin
     assert len(re.findall(r"tokenize:\s+0%", out)) == 1, out[-3000:]  # only rank 0 reads and tokenises the text
     store = ActivationStore.open(tmp_path / "three.zarr")
     summary = store.meta["summary"]
@@ -153,7 +158,7 @@ def test_sigkill_two_processes_then_resume_equals_one_process(reference, tiny_mo
         time.sleep(0.005)
     kill9(proc)  # kill -9 the launcher and both workers
     out, _ = proc.communicate(timeout=30)
-    expected = {0: (2, "0-31"), 1: (2, "32-63")}
+    expected = {0: (2, "0,2,...,62"), 1: (2, "1,3,...,63")}
     lines = rank_lines(out)  # a rank may not have printed yet when the first commit appears
     assert lines and all(expected[r] == v for r, v in lines.items()), out[-3000:]
     committed = _commits_on_disk(tmp_path / "killed.zarr")
@@ -216,16 +221,81 @@ def test_rank_with_no_chunks_reaches_the_barrier(tiny_model_dir, text_dir, tmp_p
     assert_same_store(store, one, 2)
 
 
-def test_chunk_shares_are_contiguous_and_exact():
-    assert gen.chunk_shares(list(range(17)), 8) == [[0, 1, 2]] + [[3 + 2 * i, 4 + 2 * i] for i in range(7)]
-    assert gen.chunk_shares([1, 4, 5, 9], 3) == [[1, 4], [5], [9]]
+def run_threads(cfg: GenerateConfig, world: int) -> dict[int, BaseException | None]:
+    """run_generate on `world` in-process ranks (ThreadDist); {rank: its error or None}."""
+    ThreadDist.barriers[world] = threading.Barrier(world)
+    errors = {}
+
+    def rank(r):
+        try:
+            gen.run_generate(cfg, dist=ThreadDist(r, world), log=quiet)
+            errors[r] = None
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors[r] = e
+
+    threads = [threading.Thread(target=rank, args=(r,), daemon=True) for r in range(world)]
+    [t.start() for t in threads]
+    [t.join(120) for t in threads]
+    assert not any(t.is_alive() for t in threads), "a rank hung"
+    return errors
+
+
+def test_a_failed_token_writer_stops_every_rank_with_one_line(tiny_model_dir, text_dir, tmp_path, monkeypatch):
+    # The text cannot fill one context: rank 0 fails before the store exists, and the ranks polling for it see that
+    # rank 0 let go of the store's lock.
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "e.txt").write_text("")
+    base = {**flags(tiny_model_dir, text_dir, tmp_path / "a.zarr", n_chunks=8), "locations": ["residual"],
+            "layers": [0]}
+    errors = run_threads(GenerateConfig(**{**base, "dataset": str(tmp_path / "empty")}), 3)
+    assert isinstance(errors[0], ValueError) and "0 tokens < one context of 16" in str(errors[0])
+    for r in (1, 2):
+        assert isinstance(errors[r], StoreError), errors
+        assert "stopped waiting for rank 0 to create or reopen the store: rank 0 (pid" in str(errors[r])
+        assert "no longer holds the lock" in str(errors[r]) and "\n" not in str(errors[r])
+    # The writer fails at chunk 3, once the ranks record: it records the failure, and every rank stops with it.
+    real = ActivationStore.write_tokens
+
+    def failing(self, chunk, tokens, mask):
+        if chunk == 3:
+            while not self.committed_chunks().any():  # every rank is past the start barrier, recording
+                time.sleep(0.01)
+            raise OSError("No space left on device")
+        return real(self, chunk, tokens, mask)
+
+    monkeypatch.setattr(ActivationStore, "write_tokens", failing)
+    errors = run_threads(GenerateConfig(**{**base, "dataset_folder": str(tmp_path / "b.zarr")}), 3)
+    assert isinstance(errors[0], OSError) and str(errors[0]) == "No space left on device"
+    for r in (1, 2):
+        assert isinstance(errors[r], StoreError), errors
+        assert str(errors[r]) == (f"{tmp_path / 'b.zarr'}: the token writer (rank 0) failed: OSError: No space left "
+                                  "on device")
+    monkeypatch.setattr(ActivationStore, "write_tokens", real)
+    errors = run_threads(GenerateConfig(**{**base, "dataset_folder": str(tmp_path / "b.zarr")}), 3)  # resumed
+    assert errors == {0: None, 1: None, 2: None}
+    one = gen.run_generate(GenerateConfig(**{**base, "dataset_folder": str(tmp_path / "one.zarr")}), log=quiet)
+    resumed = ActivationStore.open(tmp_path / "b.zarr")
+    assert resumed.meta["token_writer"]["error"] is None
+    for name in ["tokens", "mask", "commits", "blocks.0.hook_resid_post"]:
+        assert np.array_equal(resumed.group[name][:], one.group[name][:]), name
+
+
+def test_chunk_shares_are_dealt_round_robin():
+    assert gen.chunk_shares(list(range(17)), 8) == [[0, 8, 16]] + [[r, r + 8] for r in range(1, 8)]
+    assert gen.chunk_shares([1, 4, 5, 9], 3) == [[1, 9], [4], [5]]
     assert gen.chunk_shares([7], 3) == [[7], [], []]
+    # the endless walk of a rank: the chunks committed before the run are skipped, every chunk beyond them counts
+    done = np.array([True, False, True, False, False])
+    for r in range(3):
+        walk = list(itertools.islice(gen.my_chunks(done, r, 3), 4))
+        assert walk == gen.chunk_shares([1, 3, 4] + list(range(5, 14)), 3)[r][:4]
     assert gen.format_chunks([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8" and gen.format_chunks([]) == "none"
+    assert gen.format_chunks([1, 4, 7, 10, 12]) == "1,4,...,10,12" and gen.format_chunks([0, 2]) == "0,2"
 
 
 def test_rank0_progress_aggregates_all_ranks_from_the_commits(monkeypatch):
-    # 4 chunks of 16 rows on 2 ranks; rank 0 owns chunks 0-1, rank 1 chunks 2-3 (seen only through the store)
-    monkeypatch.setattr(gen, "POLL_SECONDS", 0.0)
+    # 4 chunks of 16 rows on 2 ranks; rank 0 owns chunks 0 and 2, rank 1 chunks 1 and 3 (seen only through the store)
+    monkeypatch.setattr(watch, "POLL_SECONDS", 0.0)
 
     class Bar:
         total, n = 64, 0
@@ -234,21 +304,50 @@ def test_rank0_progress_aggregates_all_ranks_from_the_commits(monkeypatch):
             self.n += k
 
     class Store:
+        spec = StoreSpec(model="m", dataset="t", hook_names=["h"], widths={"h": 1}, n_rows=64, context_size=16,
+                         chunk_size=16)
         done = np.zeros(4, bool)
 
         def committed_chunks(self):
             return self.done.copy()
 
     bar, store = Bar(), Store()
-    p = gen._Progress(bar, store, {c: 16 for c in range(4)}, world_size=2)
+    p = CommitProgress(store, np.zeros(4, bool), world_size=2, bar=bar)
     p.own(8)
     assert bar.n == 16  # 8 rows of rank 0, times 2 ranks
-    store.done[2] = True  # rank 1 committed chunk 2
+    store.done[1] = True  # rank 1 committed chunk 1
     p.own(8)
     assert bar.n == 16 + 16 * 2
     store.done[0] = True
     p.committed(0)
     assert bar.n == 48  # 32 rows committed, nothing in flight: the bar never goes back
-    store.done[[1, 3]] = True
+    store.done[[2, 3]] = True
     p.wait_for_all()
-    assert bar.n == 64 and not p.pending
+    assert bar.n == 64
+    resumed = CommitProgress(store, np.array([True, False, False, False]), world_size=2, bar=Bar())
+    resumed.wait_for_all()
+    assert resumed.bar.n == 48  # chunks committed before the run do not count
+
+
+def test_tokenising_longer_than_the_collective_timeout_overlaps_the_recording(tiny_model_dir, text_dir, tmp_path):
+    # 40 chunks whose tokens take >= 0.6 s each (an injected delay: 24 s in all) under --dist_timeout 20 on gloo:
+    # the old design, every other rank in a barrier until rank 0 had tokenised the whole budget, failed here.
+    # Now no rank waits in a collective on the tokens, every rank records its chunks as their tokens are committed,
+    # and the stores of 2 and 3 processes equal the one-process store.
+    f = flags(tiny_model_dir, text_dir, tmp_path / "one.zarr", n_chunks=40, shuffle_buffer=2)
+    one = gen.run_generate(GenerateConfig(**{**f, "layers": [0, 1], "locations": ["residual"]}), log=quiet)
+    start = time.monotonic()  # both runs at once: they mostly sleep in the token writer
+    procs = {n: launch(n, {**f, "dataset_folder": str(tmp_path / f"{n}.zarr"), "dist_timeout": 20}, tmp_path,
+                       SAETOOL_TEST_DELAY_TOKENS="0.6") for n in (2, 3)}
+    outs = {n: finish(proc) for n, proc in procs.items()}
+    assert time.monotonic() - start > 24  # the tokens alone took longer than the timeout
+    for n, out in outs.items():
+        assert f"gloo, {n} processes, collective timeout 20 s (--dist_timeout 20)" in out, out[-3000:]
+        store = ActivationStore.open(tmp_path / f"{n}.zarr")
+        assert_same_store(store, one, 40)
+        assert store.meta["summary"]["chunks_per_rank"] == [len(s) for s in gen.chunk_shares(list(range(40)), n)]
+        # tokens_at_commit[c]: the token chunks committed when chunk c's activations had been committed. The first
+        # activation chunk was committed before the last token chunk, in fact within the first few of them.
+        order = zarr.open_group(str(tmp_path / f"{n}.zarr"), mode="r")["tokens_at_commit"][:]
+        assert (order > np.arange(40)).all()  # never before the chunk's own tokens
+        assert order.min() <= 10, order.tolist()

@@ -1,5 +1,6 @@
 """The sweep across processes (data- and member-parallel, through Accelerate on CPU/gloo), uneven data (D1),
-checkpoint + resume (also after SIGKILL), and the compiled step against eager."""
+checkpoint + resume (also after SIGKILL), the compiled step against eager, and rank 0's reports and checkpoints
+outlasting --dist_timeout without holding another rank in a collective."""
 
 import math
 import signal
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import saetool.sweep.driver as sweep_mod
 import saetool.train.step as step_mod
@@ -188,3 +190,27 @@ def test_data_parallel_skip_transcoders_equal_one_process(tmp_path, kernel):
     for a, b in zip(load_sweep(tmp_path / "two").values(), load_sweep(tmp_path / "one").values()):
         assert a.W_skip.abs().sum() > 0
         torch.testing.assert_close(a.W_skip, b.W_skip, atol=1e-5, rtol=0)
+
+
+def test_reports_and_checkpoints_outlasting_the_collective_timeout_hold_no_rank(store, tmp_path):
+    # Two --config ensembles on 2 data-parallel processes under --dist_timeout 6 (gloo), where rank 0 takes 7 s more
+    # to finish each ensemble (held-out pass, report) and 7 s more to write each checkpoint (steps 10 and 19 of 19).
+    # The old design held rank 1 in the next ensemble's lock broadcast and in the checkpoint barriers meanwhile and
+    # failed; now rank 1 polls for rank 0's sweep.json between ensembles, and checkpoints are written in a thread.
+    config = {"dataset_dir": str(store), "ratio": 2, "batch_size": 30, "eval_tokens": 40, "adam_lr": 0.01,
+              "device": "cpu", "checkpoint_every": 10,
+              "ensembles": [{"name": "std", "l1_values": [0.0, 0.01]}, {"name": "topk", "architecture": "topk",
+                                                                       "k_values": [2, 4]}]}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(config))
+    start = time.monotonic()
+    r = launch(2, ["--config", str(tmp_path / "sweep.yaml"), "--output_dir", str(tmp_path / "two"),
+                   "--parallel", "data", "--dist_timeout", "6"], timeout=300,
+               env={"SAETOOL_TEST_DELAY_FINISH": "7", "SAETOOL_TEST_DELAY_CHECKPOINT": "7"})
+    assert time.monotonic() - start > 4 * 7 and "collective timeout 6 s (--dist_timeout 6)" in r.stdout
+    index = read_index(tmp_path / "two")
+    assert sorted(index["ensembles"]) == ["std", "topk"] and not list((tmp_path / "two").rglob("checkpoint"))
+    assert {e["training"]["world_size"] for e in index["ensembles"].values()} == {2}
+    single(store, tmp_path / "one", config=str(tmp_path / "sweep.yaml"), ensembles=config["ensembles"],
+           checkpoint_every=10)
+    for name in ("std", "topk"):
+        assert_same_saes(tmp_path / "two" / name, tmp_path / "one" / name, atol=1e-5)

@@ -145,9 +145,42 @@ def test_a_checkpoint_of_fewer_processes_is_refused_naming_why(tmp_path):
     from saetool.train.checkpoint import Checkpointer, load_checkpoint
     from saetool.util.distributed import Dist
 
-    Checkpointer(tmp_path, Dist(), shard_by_rank=True).save({"fingerprint": {"ratio": 4}}, 3)  # rank0.pt only
+    rank0 = Checkpointer(tmp_path, Dist(), shard_by_rank=True)
+    rank0.save({"fingerprint": {"ratio": 4}}, 3)  # rank0.pt only, written in a thread
+    rank0.wait()
     rank1 = Checkpointer(tmp_path, Dist(1, 2), shard_by_rank=True)
     assert rank1.load() is None
     run = SimpleNamespace(runtime=SimpleNamespace(resume=True), checkpointer=rank1, dist=Dist(1, 2), out=tmp_path)
     with pytest.raises(ValueError, match="holds no file for rank 1: it was made by another number of processes"):
         load_checkpoint(run)
+
+
+def test_a_checkpoint_is_written_in_a_thread_from_a_copy_and_published_once_every_rank_wrote(tmp_path):
+    # Two member-parallel ranks in one process: rank 0's thread writes latest only once rank 1's file exists too (no
+    # barrier), from copies of the tensors (training changes them in place meanwhile), and removes the older steps.
+    import time
+
+    from saetool.train.checkpoint import Checkpointer
+    from saetool.util.distributed import Dist
+
+    ranks = [Checkpointer(tmp_path, Dist(r, 2), shard_by_rank=True) for r in range(2)]
+    for r, ck in enumerate(ranks):
+        ck.save({"w": torch.full((3,), float(r))}, 2)
+    ranks[1].wait()
+    ranks[0].wait()
+    assert (tmp_path / "checkpoint" / "latest").read_text() == "step_2"
+    w = torch.zeros(3)
+    ranks[0].save({"w": w}, 4)
+    w += 5  # the next training step, while the checkpoint is being written
+    time.sleep(0.3)
+    assert (tmp_path / "checkpoint" / "latest").read_text() == "step_2"  # rank 1 has not written step 4 yet
+    ranks[1].save({"w": torch.ones(3)}, 4)
+    ranks[1].wait()
+    ranks[0].wait()
+    assert (tmp_path / "checkpoint" / "latest").read_text() == "step_4"
+    assert sorted(p.name for p in (tmp_path / "checkpoint").glob("step_*")) == ["step_4"]
+    assert torch.equal(ranks[0].load()["w"], torch.zeros(3)) and torch.equal(ranks[1].load()["w"], torch.ones(3))
+    ranks[0].save({"w": w}, 6)
+    ranks[0].close()  # a failing run: rank 0's own file is written, latest stays at the last complete checkpoint
+    assert (tmp_path / "checkpoint" / "step_6" / "rank0.pt").is_file()
+    assert (tmp_path / "checkpoint" / "latest").read_text() == "step_4"

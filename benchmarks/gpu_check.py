@@ -6,7 +6,8 @@ On a machine with one CUDA GPU, no network and nothing but the repository (its m
 1. the CUDA tests (`pytest -m cuda`);
 2. the sweep step: SAE-tokens/s and MFU against the `torch.mm` peak measured in the same run, for 16 members of 16,384
    latents at d_in 2304, batch 4096: the fused kernel in fp32, TF32, bf16 eager and compiled, and BatchTopK compiled
-   (autograd) in bf16, each with its peak memory and its number of compiles;
+   (autograd) in bf16, each with its peak memory beside saetool.train.memory's estimate (the measured peak also holds
+   the check's `steps` random batches, staged on the device) and its number of compiles;
 3. fed vs on-device steps/s: the same batches from the store through the loader and DeviceFeed, or already on the
    device (the two routes train to identical weights: checked);
 4. generation: tokens/s of `saetool generate` on random-weight models of Gemma-2-2B and Llama-3-8B width (a few
@@ -37,7 +38,8 @@ from saetool.ensemble import SAEEnsemble, train_step
 from saetool.generate import run_generate
 from saetool.lm import WORDS, load_model, random_model_dir
 from saetool.store import ActivationStore, BatchLoader, DeviceFeed
-from saetool.train.step import autograd_step_fn, fused_step_fn, train_batch_fused
+from saetool.train.memory import MemoryShape, estimate_memory
+from saetool.train.step import autograd_step_fn, fused_step_fn, make_optimizer, train_batch_fused
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU = {"members": 16, "d_in": 2304, "d_sae": 16384, "batch": 4096, "steps": 20, "warmup": 3,
@@ -78,8 +80,11 @@ def run_steps(s: dict, device: torch.device, architecture: str, precision: str, 
     torch._dynamo.reset()
     hyper = {"l1_coefficient": [1e-3] * s["members"]} if architecture == "standard" else {"k": [32] * s["members"]}
     ens = SAEEnsemble(architecture, s["d_in"], s["d_sae"], hyper, seeds=list(range(s["members"]))).to(device)
-    opt = torch.optim.Adam(ens.parameters(), lr=1e-4)
+    opt = make_optimizer(ens.parameters(), lr=1e-4)
     fused = architecture == "standard"
+    shape = MemoryShape(s["d_in"], s["d_sae"], s["members"], s["batch"], architecture=architecture,
+                        kernel="fused" if fused else "autograd", precision=precision, member_group=s["members"],
+                        device_type=device.type, k=0 if fused else 32, store_itemsize=4)
     fn = fused_step_fn(compiled, precision) if fused else autograd_step_fn(compiled, precision, device.type)
     def step(x):
         if fused:
@@ -101,6 +106,7 @@ def run_steps(s: dict, device: torch.device, architecture: str, precision: str, 
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return {"seconds_per_step": seconds, "sae_tokens_per_s": s["batch"] * s["members"] / seconds,
             "flops_per_s": step_flops(s) / seconds, "peak_bytes": peak,
+            "estimate_bytes": estimate_memory(shape, s["members"]).training,  # saetool.train.memory, before the run
             "compiles": int(counters["stats"]["unique_graphs"]) if compiled else 0}
 
 
@@ -204,12 +210,13 @@ def markdown(result: dict) -> str:
     command = f"`python benchmarks/gpu_check.py --out DIR{' --cpu' if result['cpu_mode'] else ''}`"
     lines = [f"GPU check on {result['device_name']} ({result['date']}, torch {result['torch']}): {command}", "",
              f"CUDA tests: {result['cuda_tests']['summary']}", "",
-             "| step variant | ms/step | SAE-tokens/s | TFLOP/s | MFU (bf16 mm peak) | peak GB | compiles |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| step variant | ms/step | SAE-tokens/s | TFLOP/s | MFU (bf16 mm peak) | peak GB | estimate GB | compiles |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in result["step"]["variants"].items():
         peak = f"{r['peak_bytes'] / 1e9:.1f}" if r["peak_bytes"] else "-"
         lines.append(f"| {name} | {1e3 * r['seconds_per_step']:.2f} | {r['sae_tokens_per_s']:.3g} | "
-                     f"{r['flops_per_s'] / 1e12:.3g} | {r['mfu_vs_bf16_peak']:.3f} | {peak} | {r['compiles']} |")
+                     f"{r['flops_per_s'] / 1e12:.3g} | {r['mfu_vs_bf16_peak']:.3f} | {peak} | "
+                     f"{r['estimate_bytes'] / 1e9:.1f} | {r['compiles']} |")
     f = result["feed"]
     fed, dev = f["steps_per_s"]["fed"], f["steps_per_s"]["on-device"]
     lines += ["", (f"Fed vs on-device: {fed:.3g} vs {dev:.3g} steps/s (ratio {fed / dev:.2f}; same weights: "

@@ -90,7 +90,8 @@ def _acquire(folder: Path, flag: str) -> Path:
         except OSError as e:
             raise ValueError(f"--{flag} {folder} cannot be written: {_reason(e)}") from None
     owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-             "command": " ".join(sys.argv)[:500]}
+             "command": " ".join(sys.argv)[:500],
+             "nonce": os.urandom(8).hex()}  # each taking of the lock is its own owner (same pid within one second)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(2):  # the second try follows the removal of a stale lock
